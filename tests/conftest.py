@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny Qwen3-VL built from a config (offline) and a tiny synthetic VDR dataset."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vdr.data.synth import SynthConfig, generate  # noqa: E402
+from vdr.models.backbone import Backbone, load_backbone  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PIXELS = 64 * 64  # 4 visual tokens per page: the tiny model reads them in milliseconds
+TINY_SYNTH = SynthConfig(seed=1, image_size=64, num_train_pages=48, num_negatives=1, num_eval_queries=12,
+                         distractors_per_query=2)
+
+
+@pytest.fixture(scope="session")
+def _tiny_backbone() -> Backbone:
+    torch.set_num_threads(2)
+    return load_backbone("tiny", min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
+
+
+@pytest.fixture
+def tiny_backbone(_tiny_backbone: Backbone) -> Backbone:
+    """A fresh copy per test (tests may train it); the processor is shared, it holds no state."""
+    return Backbone(copy.deepcopy(_tiny_backbone.model), _tiny_backbone.processor, _tiny_backbone.source)
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset: 48 training rows with one hard negative, 12 eval queries over 36 pages."""
+    out = tmp_path_factory.mktemp("data") / "synth"
+    generate(out, TINY_SYNTH, progress=False)
+    return out

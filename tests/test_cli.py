@@ -1,0 +1,135 @@
+"""`vdr` end to end through the CLI on the tiny preset: fit, validate, the run directory, data tools, failures."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vdr.cli import main
+from vdr.data.errors import DataError
+
+from .conftest import REPO
+
+STACK = ["--config", str(REPO / "configs/trainer/default.yaml"), "--config", str(REPO / "configs/trainer/cpu.yaml"),
+         "--config", str(REPO / "configs/callbacks/default.yaml"), "--config", str(REPO / "configs/model/tiny.yaml")]
+
+
+def _data_args(synth: Path) -> list[str]:
+    return ["--data.train", str(synth / "train"), "--data.eval", str(synth / "eval"), "--data.batch_size", "8",
+            "--data.eval_batch_size", "16", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    values: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return values
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fit_fast_dev_run(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.fast_dev_run", "true"]) == 0
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step run with a validation before training and at the end, in its own checkpoints/ folder."""
+    root = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.logger.init_args.name", "cli",
+              "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
+              "--trainer.check_val_every_n_epoch", "null", "--validate_before_fit", "true"])
+    return root / "checkpoints" / "cli" / "version_0"
+
+
+def test_fit_writes_config_events_and_checkpoints(fitted_run: Path) -> None:
+    config = (fitted_run / "config.yaml").read_text()
+    assert "name_or_path: tiny" in config and "max_steps: 4" in config
+    scalars = _scalars(fitted_run)
+    # One validation before training (step 0) and one at the end (step 4 - 1: Lightning logs the last step index).
+    assert [step for step, _ in scalars["val/ndcg@10"]] == [0, 3]
+    assert all(0.0 <= value <= 1.0 for _, value in scalars["val/ndcg@10"])
+    for name in ("val/mrr@10", "val/recall@1", "val/recall@10", "train/loss"):
+        assert name in scalars, name
+    checkpoints = sorted(p.name for p in (fitted_run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(n.startswith("step4-ndcg") for n in checkpoints)
+
+
+def test_validate_from_checkpoint_reproduces_the_final_metric(fitted_run: Path, tiny_synth: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(fitted_run.parents[2])
+    from vdr.callbacks.retrieval import RetrievalEvaluator
+
+    seen: list[dict] = []
+    original = RetrievalEvaluator.on_validation_epoch_end
+
+    def spy(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        seen.append(dict(self.last_metrics))
+
+    monkeypatch.setattr(RetrievalEvaluator, "on_validation_epoch_end", spy)
+    main(["validate", *STACK, *_data_args(tiny_synth), "--trainer.logger", "false",
+          "--ckpt_path", str(fitted_run / "checkpoints" / "last.ckpt")])
+    final = _scalars(fitted_run)["val/ndcg@10"][-1][1]
+    assert seen and seen[0]["ndcg@10"] == pytest.approx(final, abs=1e-6)
+
+
+def test_checkpoint_loads_without_the_cli(fitted_run: Path) -> None:
+    from vdr.lit.biencoder import BiEncoderModule
+
+    module = BiEncoderModule.load_from_checkpoint(fitted_run / "checkpoints" / "last.ckpt")
+    assert module.backbone_config.name_or_path == "tiny"
+    state = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert torch.equal(module.state_dict()["model.backbone.visual.patch_embed.proj.weight"],
+                       state["model.backbone.visual.patch_embed.proj.weight"])
+
+
+def test_failed_run_leaves_earlier_runs_untouched(fitted_run: Path, tiny_synth: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A broken eval set (a qrel naming an unknown page) fails at setup, before any training or writing.
+    bad = tmp_path / "bad_eval"
+    for part in ("queries", "corpus"):
+        datasets.load_from_disk(str(tiny_synth / "eval" / part)).save_to_disk(str(bad / part))
+    qrels = datasets.load_from_disk(str(tiny_synth / "eval" / "qrels"))
+    qrels.map(lambda row, i: {"corpus_id": "nope" if i == 3 else row["corpus_id"]},
+              with_indices=True).save_to_disk(str(bad / "qrels"))
+    root = fitted_run.parents[2]
+    monkeypatch.chdir(root)
+    before = _digest(root / "checkpoints")
+    with pytest.raises(DataError, match=r"qrels', row 3, column 'corpus_id'"):
+        main(["fit", *STACK, *_data_args(tiny_synth), "--data.eval", str(bad), "--trainer.logger.init_args.name",
+              "cli", "--trainer.max_steps", "1"])
+    after = _digest(root / "checkpoints")
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_data_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "synth"
+    code = main(["data", "synth", "--output", str(out), "--seed", "2", "--image-size", "64", "--num-train-pages",
+                 "8", "--num-eval-queries", "4", "--distractors-per-query", "1", "--no-progress"])
+    assert code == 0
+    assert len(datasets.load_from_disk(str(out / "train"))) == 8
+    assert len(datasets.load_from_disk(str(out / "eval" / "corpus"))) == 8
+
+
+def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/demo.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "name_or_path: demo" in printed and "validate_before_fit: true" in printed

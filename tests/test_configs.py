@@ -1,0 +1,75 @@
+"""Every shipped config parses (and the CPU-runnable ones instantiate); includes expand as documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from vdr.cli import VdrCLI
+from vdr.config_includes import expand_includes
+from vdr.data.datamodule import RetrievalDataModule
+from vdr.lit.biencoder import BiEncoderModule
+
+from .conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_configs_exist() -> None:
+    assert len(CONFIGS) >= 8
+    assert (REPO / "configs" / "demo.yaml") in CONFIGS
+
+
+def _parser() -> LightningArgumentParser:
+    # The parser the CLI builds, without instantiating anything (the 2b preset would allocate 2B parameters).
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--seed_everything", type=bool | int, default=True)
+    parser.add_argument("--validate_before_fit", type=bool, default=False)
+    parser.add_lightning_class_args(Trainer, "trainer")
+    parser.add_lightning_class_args(BiEncoderModule, "model")
+    parser.add_lightning_class_args(RetrievalDataModule, "data")
+    return parser
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_every_config_parses(path: Path) -> None:
+    content = yaml.safe_load(path.read_text())
+    assert isinstance(content, dict) and content, f"{path} is empty"
+    config = _parser().parse_args(expand_includes(["--config", str(path)]))
+    assert config is not None
+
+
+def test_demo_config_instantiates_on_cpu() -> None:
+    cli = VdrCLI(BiEncoderModule, RetrievalDataModule, args=expand_includes(
+        ["--config", str(REPO / "configs/demo.yaml"), "--model.backbone.name_or_path", "tiny"]), run=False,
+        save_config_callback=None)
+    assert cli.model.backbone_config.max_pixels == 128 * 128
+    assert cli.datamodule.batch_size == 64
+    assert cli.trainer.max_steps > 0
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert "RetrievalEvaluator" in names and "ModelCheckpoint" in names
+
+
+def test_includes_expand_in_order_with_own_keys_last(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("x: 1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("include: [../a.yaml]\ny: 2\n")
+    (tmp_path / "top.yaml").write_text("include:\n  - sub/b.yaml\nz: 3\n")
+    args = expand_includes(["fit", "--config", str(tmp_path / "top.yaml"), "--trainer.max_steps", "1"])
+    assert args[:3] == ["fit", "--config", str(tmp_path / "sub" / "../a.yaml")]
+    assert yaml.safe_load(args[4]) == {"y": 2} and yaml.safe_load(args[6]) == {"z": 3}
+    assert args[-2:] == ["--trainer.max_steps", "1"]
+
+
+def test_include_errors_are_explained(tmp_path: Path) -> None:
+    (tmp_path / "top.yaml").write_text("include: [missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="included config 'missing.yaml' not found"):
+        expand_includes(["--config", str(tmp_path / "top.yaml")])
+    (tmp_path / "loop.yaml").write_text("include: [loop.yaml]\n")
+    with pytest.raises(ValueError, match="include cycle"):
+        expand_includes(["--config", str(tmp_path / "loop.yaml")])

@@ -1,0 +1,5 @@
+import sys
+
+from vdr.cli import main
+
+sys.exit(main())

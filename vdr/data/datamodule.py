@@ -1,0 +1,110 @@
+"""The LightningDataModule: training rows and an evaluation set from disk, parquet or the hub.
+
+Which tensors a row becomes is the model's business: the collator comes from the LightningModule
+(``collator`` attribute) unless one is passed, so data and model cannot disagree on prompts or page sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from vdr.data.schema import EvalSet, TrainRows, load_eval_set
+from vdr.data.sources import load_table
+from vdr.data.synth import SynthConfig, generate
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Training rows (query, image, negative_i) and an eval set (queries, corpus, qrels).
+
+    Args:
+        train: Training table: a save_to_disk directory, parquet file(s), or a hub dataset id.
+        eval: Eval set: a directory holding queries/, corpus/ and qrels/, or a hub id with those configurations.
+        num_negatives: Hard-negative columns per row to train with (negative_0 ..).
+        batch_size: Training queries per step per device.
+        eval_batch_size: Queries or pages embedded per eval step.
+        num_workers: DataLoader worker processes (decoding and page preprocessing run there).
+        verify_images: Check every image header at setup, so a corrupt file fails before training.
+        synthetic: When set, generate the synthetic VDR data with this config into ``synthetic_dir`` if it is
+            missing, and use it for ``train`` and ``eval`` unless those are given.
+        synthetic_dir: Where the synthetic data lives.
+        seed: Seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        eval: str | None = None,
+        num_negatives: int = 1,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        verify_images: bool = True,
+        synthetic: SynthConfig | None = None,
+        synthetic_dir: str = "checkpoints/data/synth",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters({"synthetic": asdict(synthetic) if synthetic else None} | {
+            k: v for k, v in locals().items() if k not in ("self", "synthetic", "__class__")})
+        if synthetic is not None:
+            train = train or os.path.join(synthetic_dir, "train")
+            eval = eval or os.path.join(synthetic_dir, "eval")
+        if train is None and eval is None:
+            raise ValueError("give a training table (train), an eval set (eval), or synthetic data (synthetic)")
+        self.train_source, self.eval_source = train, eval
+        self.synthetic, self.synthetic_dir = synthetic, synthetic_dir
+        self.num_negatives, self.batch_size, self.eval_batch_size = num_negatives, batch_size, eval_batch_size
+        self.num_workers, self.verify_images, self.seed = num_workers, verify_images, seed
+        self.collator = None
+        self.train_rows: TrainRows | None = None
+        self.eval_set: EvalSet | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None and not os.path.exists(os.path.join(self.synthetic_dir, "synth.json")):
+            rank_zero_info(f"generating synthetic VDR data into {self.synthetic_dir}")
+            generate(self.synthetic_dir, self.synthetic)
+
+    def setup(self, stage: str) -> None:
+        if self.collator is None:
+            if self.trainer is None or not hasattr(self.trainer.lightning_module, "collator"):
+                raise RuntimeError("no collator: attach a LightningModule with a `collator` or set `collator`")
+            self.collator = self.trainer.lightning_module.collator
+        if stage == "fit" and self.train_rows is None:
+            if self.train_source is None:
+                raise ValueError("fit needs a training table (data.train)")
+            root = self.train_source if os.path.isdir(self.train_source) else None
+            self.train_rows = TrainRows(load_table(self.train_source), self.train_source,
+                                        num_negatives=self.num_negatives, root=root,
+                                        verify_images=self.verify_images)
+        if self.eval_source is not None and self.eval_set is None:
+            self.eval_set = load_eval_set(self.eval_source, loader=load_table, verify_images=self.verify_images)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=generator,
+            num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.train_rows) < self.batch_size:
+            raise ValueError(f"{self.train_source}: {len(self.train_rows)} rows, fewer than one batch "
+                             f"({self.batch_size}); lower data.batch_size")
+        # drop_last: every step has a full batch (equal in-batch negatives, equal per-rank batches under DDP).
+        return self._loader(self.train_rows, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.eval_set is None:
+            return []
+        # Queries first, then the corpus: the retrieval callback streams the corpus against all queries.
+        return [self._loader(self.eval_set.query_rows(), self.eval_batch_size, shuffle=False),
+                self._loader(self.eval_set.corpus_rows(), self.eval_batch_size, shuffle=False)]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

@@ -1,0 +1,105 @@
+"""Page images from any column value (``datasets.Image`` bytes, a file path, a PIL image) to RGB, with clear errors.
+
+Pages are hashed by their encoded bytes: the hash identifies a page wherever it appears in a batch, which is what
+false-negative masking needs (the same page as another row's positive, or among the hard negatives).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from vdr.data.errors import DataError
+
+# A page larger than this is a decompression bomb or a scanning accident, not a document page.
+MAX_IMAGE_PIXELS = 1 << 28
+
+
+@dataclass
+class EncodedImage:
+    """An image still in its file encoding, with where it came from (for error messages)."""
+
+    data: bytes
+    origin: str  # a path, or "<bytes>"
+
+    @property
+    def key(self) -> int:
+        """A 63-bit content hash (fits int64)."""
+        return int.from_bytes(hashlib.blake2b(self.data, digest_size=8).digest(), "little") >> 1
+
+
+def read_encoded(value, *, dataset: str, row: int, column: str, root: str | None = None) -> EncodedImage:
+    """Turns a column value into encoded bytes without decoding the pixels.
+
+    Accepts ``{"bytes": ..., "path": ...}`` (``datasets.Image(decode=False)``), a path string (relative paths are
+    resolved against ``root``), raw bytes, or a PIL image (re-encoded as PNG).
+    """
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes"):
+            return EncodedImage(value["bytes"], value.get("path") or "<bytes>")
+        value = value.get("path")
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return EncodedImage(buffer.getvalue(), "<PIL image>")
+    if isinstance(value, bytes | bytearray):
+        return EncodedImage(bytes(value), "<bytes>")
+    if isinstance(value, str) and value:
+        path = value if os.path.isabs(value) or root is None else os.path.join(root, value)
+        try:
+            with open(path, "rb") as handle:
+                return EncodedImage(handle.read(), path)
+        except OSError as error:
+            raise DataError(dataset, f"cannot read image file {path!r}: {error.strerror}", row=row,
+                            column=column) from error
+    raise DataError(
+        dataset, f"expected an image (datasets.Image, a file path or bytes), got {type(value).__name__}: "
+        f"{str(value)[:60]!r}", row=row, column=column,
+    )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL mode to RGB; transparency is composited on white (what a rendered page would show)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping (PIL's convert would saturate at 255).
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def decode(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Image.Image:
+    """Decodes to an RGB PIL image, or raises a ``DataError`` naming the row and column."""
+    try:
+        with Image.open(io.BytesIO(encoded.data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(dataset, f"image {encoded.origin} is {width}x{height} pixels, more than "
+                                f"{MAX_IMAGE_PIXELS} allowed", row=row, column=column)
+            if width < 1 or height < 1:
+                raise DataError(dataset, f"image {encoded.origin} is empty ({width}x{height})", row=row, column=column)
+            image.load()
+            return to_rgb(image)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(dataset, f"cannot decode image {encoded.origin}: {error}", row=row, column=column) from error
+
+
+def verify(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> None:
+    """Cheap up-front check: the header parses and the file is not truncated (no pixel decoding for PNG)."""
+    try:
+        with Image.open(io.BytesIO(encoded.data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataError(dataset, f"corrupt image {encoded.origin}: {error}", row=row, column=column) from error

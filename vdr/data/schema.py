@@ -1,0 +1,209 @@
+"""The two data schemas, validated up front, as torch datasets of decoded examples.
+
+Training rows (the reference VDR recipe): ``query`` (text), ``image`` (the positive page) and
+``negative_0 .. negative_{k-1}`` (hard-negative pages). Image columns hold ``datasets.Image`` values or file paths.
+
+Evaluation sets are three tables: ``queries`` (``id``, ``text``), ``corpus`` (``id``, ``image``) and ``qrels``
+(``query_id``, ``corpus_id``, ``score``: an integer relevance grade, > 0 relevant).
+
+Everything that can be checked without decoding pixels is checked when the dataset is built, so a bad row
+fails the run before any training; pixels that do not decode fail when their row is loaded, naming the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import datasets
+import torch
+from PIL import Image
+
+from vdr.data.errors import DataError
+from vdr.data.images import EncodedImage, decode, read_encoded, verify
+
+IMAGE_FEATURE_TYPES = (datasets.Image,)
+
+
+@dataclass
+class TrainExample:
+    """One training row, decoded: the query and its pages (positive first, then the hard negatives)."""
+
+    row: int
+    query: str
+    pages: list[Image.Image]
+    page_keys: list[int]  # content hashes, aligned with ``pages``
+
+
+@dataclass
+class EncodeExample:
+    """One eval query or corpus page to embed, with its row in its table."""
+
+    index: int
+    text: str | None = None
+    image: Image.Image | None = None
+
+
+def _image_column(table: datasets.Dataset, name: str, column: str) -> datasets.Dataset:
+    """Checks an image column's type and switches it to undecoded bytes (we decode, hash and report ourselves)."""
+    feature = table.features[column]
+    if isinstance(feature, datasets.Image):
+        return table.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "binary", "large_binary"):
+        return table
+    raise DataError(name, f"expected an image column (datasets.Image or file paths), found feature {feature}",
+                    column=column)
+
+
+def _require_columns(table: datasets.Dataset, name: str, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(name, f"missing column(s) {missing} required by the {what} schema; "
+                        f"found {table.column_names}")
+
+
+def _check_texts(values: list, name: str, column: str) -> None:
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(name, f"expected text, got {type(value).__name__}", row=row, column=column)
+        if not value.strip():
+            raise DataError(name, "empty text", row=row, column=column)
+
+
+def _verify_images(table: datasets.Dataset, name: str, columns: list[str], root: str | None) -> None:
+    for column in columns:
+        for row, value in enumerate(table[column]):
+            verify(read_encoded(value, dataset=name, row=row, column=column, root=root),
+                   dataset=name, row=row, column=column)
+
+
+class TrainRows(torch.utils.data.Dataset):
+    """Training rows in the reference schema.
+
+    Args:
+        table: The loaded table.
+        name: How the user named it (used in error messages).
+        num_negatives: Hard-negative columns to use (``negative_0`` ..); the table may hold more.
+        root: Directory that relative image paths are resolved against.
+        verify_images: Check every image header up front (reads each file once; no pixel decoding for PNG).
+    """
+
+    def __init__(self, table: datasets.Dataset, name: str, *, num_negatives: int = 0, root: str | None = None,
+                 verify_images: bool = True) -> None:
+        if num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
+        self.name, self.root = name, root
+        self.image_columns = ["image"] + [f"negative_{i}" for i in range(num_negatives)]
+        available = sorted(c for c in table.column_names if c.startswith("negative_"))
+        if any(c not in table.column_names for c in self.image_columns[1:]):
+            raise DataError(name, f"the config asks for {num_negatives} hard negatives (negative_0 .. "
+                            f"negative_{num_negatives - 1}) but the table has {len(available)}: {available}")
+        _require_columns(table, name, ["query", "image"], "training")
+        if len(table) == 0:
+            raise DataError(name, "has no rows")
+        for column in self.image_columns:
+            table = _image_column(table, name, column)
+        self.table = table.select_columns(["query", *self.image_columns])
+        _check_texts(self.table["query"], name, "query")
+        if verify_images:
+            _verify_images(self.table, name, self.image_columns, root)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int) -> TrainExample:
+        record = self.table[row]
+        encoded = [self._read(record[c], row, c) for c in self.image_columns]
+        pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
+        return TrainExample(row=row, query=record["query"], pages=pages, page_keys=[e.key for e in encoded])
+
+    def _read(self, value, row: int, column: str) -> EncodedImage:
+        return read_encoded(value, dataset=self.name, row=row, column=column, root=self.root)
+
+
+class EncodeRows(torch.utils.data.Dataset):
+    """A column of texts or of images to embed (eval queries or corpus), one ``EncodeExample`` per row."""
+
+    def __init__(self, values: list | datasets.Dataset, name: str, column: str, kind: str, root: str | None = None):
+        self.values, self.name, self.column, self.kind, self.root = values, name, column, kind, root
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> EncodeExample:
+        if self.kind == "text":
+            return EncodeExample(index=index, text=self.values[index])
+        value = self.values[index][self.column]
+        encoded = read_encoded(value, dataset=self.name, row=index, column=self.column, root=self.root)
+        return EncodeExample(index=index, image=decode(encoded, dataset=self.name, row=index, column=self.column))
+
+
+@dataclass
+class EvalSet:
+    """A validated evaluation set with compact integer indexes (memory stays small for long string ids)."""
+
+    name: str
+    query_ids: list[str]
+    query_texts: list[str]
+    corpus_ids: list[str]
+    corpus: datasets.Dataset  # one column "image", undecoded
+    qrels: list[dict[int, int]]  # per query row: {corpus row: grade}, grades > 0 only
+    root: str | None = None
+
+    @classmethod
+    def from_tables(cls, name: str, queries: datasets.Dataset, corpus: datasets.Dataset, qrels: datasets.Dataset,
+                    *, root: str | None = None, verify_images: bool = True) -> EvalSet:
+        """Validates the three tables and indexes the qrels."""
+        _require_columns(queries, f"{name}/queries", ["id", "text"], "eval queries")
+        _require_columns(corpus, f"{name}/corpus", ["id", "image"], "eval corpus")
+        _require_columns(qrels, f"{name}/qrels", ["query_id", "corpus_id", "score"], "qrels")
+        query_ids = [str(i) for i in queries["id"]]
+        corpus_ids = [str(i) for i in corpus["id"]]
+        for table_name, ids in ((f"{name}/queries", query_ids), (f"{name}/corpus", corpus_ids)):
+            seen: dict[str, int] = {}
+            for row, identifier in enumerate(ids):
+                if identifier in seen:
+                    raise DataError(table_name, f"duplicate id {identifier!r} (first at row {seen[identifier]})",
+                                    row=row, column="id")
+                seen[identifier] = row
+        texts = queries["text"]
+        _check_texts(texts, f"{name}/queries", "text")
+        corpus = _image_column(corpus, f"{name}/corpus", "image").select_columns(["image"])
+        if verify_images:
+            _verify_images(corpus, f"{name}/corpus", ["image"], root)
+        query_row = {q: i for i, q in enumerate(query_ids)}
+        corpus_row = {c: i for i, c in enumerate(corpus_ids)}
+        indexed: list[dict[int, int]] = [{} for _ in query_ids]
+        for row, (qid, cid, score) in enumerate(zip(qrels["query_id"], qrels["corpus_id"], qrels["score"])):
+            if str(qid) not in query_row:
+                raise DataError(f"{name}/qrels", f"query id {qid!r} is not in the queries table",
+                                row=row, column="query_id")
+            if str(cid) not in corpus_row:
+                raise DataError(f"{name}/qrels", f"corpus id {cid!r} is not in the corpus table",
+                                row=row, column="corpus_id")
+            if isinstance(score, bool) or not isinstance(score, int | float) or int(score) != score:
+                raise DataError(f"{name}/qrels", f"expected an integer relevance grade, got {score!r}",
+                                row=row, column="score")
+            if score > 0:
+                indexed[query_row[str(qid)]][corpus_row[str(cid)]] = int(score)
+        return cls(name, query_ids, list(texts), corpus_ids, corpus, indexed, root)
+
+    def query_rows(self) -> EncodeRows:
+        return EncodeRows(self.query_texts, f"{self.name}/queries", "text", "text")
+
+    def corpus_rows(self) -> EncodeRows:
+        return EncodeRows(self.corpus, f"{self.name}/corpus", "image", "image", root=self.root)
+
+
+def load_eval_set(source: str, *, loader: Callable[..., datasets.Dataset], verify_images: bool = True) -> EvalSet:
+    """Loads ``source/{queries,corpus,qrels}`` (local directories) or the hub configurations of those names."""
+    import os
+
+    if os.path.isdir(source):
+        tables = {part: loader(os.path.join(source, part)) for part in ("queries", "corpus", "qrels")}
+        root = source
+    else:
+        tables = {part: loader(source, config=part, split="test") for part in ("queries", "corpus", "qrels")}
+        root = None
+    return EvalSet.from_tables(source, tables["queries"], tables["corpus"], tables["qrels"], root=root,
+                               verify_images=verify_images)

@@ -1,0 +1,197 @@
+"""Qwen3-VL backbones: loaded from the hub or a directory, or built from a named size preset with random weights.
+
+``load_backbone("Qwen/Qwen3-VL-Embedding-2B")`` is what an online user runs; ``load_backbone("tiny")`` builds the
+same architecture at toy size offline, for tests; ``"demo"`` is small enough to learn the synthetic task on two CPU
+cores; ``"2b"`` is the real Qwen3-VL-2B layout (REFERENCE.md §2) with random weights, for benchmarks.
+The transformers class defaults are a 7B-like layout, so every preset spells out its config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Qwen3VLConfig, Qwen3VLModel
+
+from vdr.models.patch_embed import use_linear_patch_embed
+from vdr.models.processor import build_processor, set_pixel_bounds
+
+QWEN_VOCAB_SIZE = 151936
+IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656
+VISION_START_TOKEN_ID = 151652
+VISION_END_TOKEN_ID = 151653
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A Qwen3-VL layout. Text and vision towers are sized independently; ``out_hidden`` = text hidden."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    head_dim: int
+    text_intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim / 2 (rotary pairs split over t, h, w)
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+    vision_intermediate: int
+    deepstack_visual_indexes: tuple[int, ...]
+    num_position_embeddings: int = 2304
+    initializer_range: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> Qwen3VLConfig:
+        text = {
+            "vocab_size": QWEN_VOCAB_SIZE,
+            "hidden_size": self.text_hidden,
+            "intermediate_size": self.text_intermediate,
+            "num_hidden_layers": self.text_layers,
+            "num_attention_heads": self.text_heads,
+            "num_key_value_heads": self.text_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144,
+            "initializer_range": self.initializer_range,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": list(self.mrope_section),
+                "mrope_interleaved": True,
+            },
+        }
+        vision = {
+            "depth": self.vision_depth,
+            "hidden_size": self.vision_hidden,
+            "intermediate_size": self.vision_intermediate,
+            "num_heads": self.vision_heads,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": self.text_hidden,
+            "num_position_embeddings": self.num_position_embeddings,
+            "deepstack_visual_indexes": list(self.deepstack_visual_indexes),
+            "initializer_range": self.initializer_range,
+        }
+        return Qwen3VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=IMAGE_TOKEN_ID,
+            video_token_id=VIDEO_TOKEN_ID,
+            vision_start_token_id=VISION_START_TOKEN_ID,
+            vision_end_token_id=VISION_END_TOKEN_ID,
+            tie_word_embeddings=True,
+            **self.extra,
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    # Tests: builds in a fraction of a second; most of its 4.9M parameters are the (real-size) vocabulary.
+    "tiny": Preset(
+        text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=2, head_dim=8, text_intermediate=64,
+        mrope_section=(2, 1, 1), vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=64,
+        deepstack_visual_indexes=(0,), num_position_embeddings=64,
+    ),
+    # The CPU demo (REFERENCE.md §8): 128-wide towers of depth 2 learn to read 128x128 pages in minutes.
+    # A wider initialisation than Qwen's 0.02 keeps the tiny towers from collapsing page embeddings early.
+    "demo": Preset(
+        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, head_dim=32, text_intermediate=256,
+        mrope_section=(6, 5, 5), vision_hidden=128, vision_depth=2, vision_heads=4, vision_intermediate=256,
+        deepstack_visual_indexes=(0,), num_position_embeddings=256, initializer_range=0.05,
+    ),
+    # Qwen3-VL-2B (REFERENCE.md §2), random weights: for benchmarks on a GPU.
+    "2b": Preset(
+        text_hidden=2048, text_layers=28, text_heads=16, text_kv_heads=8, head_dim=128, text_intermediate=6144,
+        mrope_section=(24, 20, 20), vision_hidden=1024, vision_depth=24, vision_heads=16, vision_intermediate=4096,
+        deepstack_visual_indexes=(5, 11, 17), num_position_embeddings=2304,
+    ),
+}
+
+
+@dataclass
+class Backbone:
+    """A Qwen3-VL trunk (no LM head) and the processor that prepares its inputs."""
+
+    model: Qwen3VLModel
+    processor: Any
+    source: str
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    dtype: torch.dtype | str = torch.float32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    image_mean: float = 0.5,
+    image_std: float = 0.5,
+    linear_patch_embed: bool = True,
+) -> Backbone:
+    """Loads a Qwen3-VL backbone and its processor.
+
+    Args:
+        name_or_path: A preset name (``tiny``, ``demo``, ``2b``), a hub id such as ``Qwen/Qwen3-VL-Embedding-2B``,
+            or a local directory saved with ``save_pretrained``.
+        min_pixels: Smallest page area after resizing.
+        max_pixels: Largest page area after resizing (sets the visual-token budget: one token per 32x32 px).
+        dtype: Parameter dtype. Keep float32 master weights for mixed-precision training.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
+        seed: Seed for the random initialisation of presets (hub weights ignore it).
+        image_mean: Pixel normalisation mean for presets (hub processors bring their own).
+        image_std: Pixel normalisation std for presets.
+        linear_patch_embed: Compute the patch embedding as a matmul (same parameters, same outputs, faster).
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if name_or_path in PRESETS:
+        config = PRESETS[name_or_path].config()
+        config._attn_implementation = attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Qwen3VLModel(config)
+        model.to(dtype)
+        processor = build_processor(min_pixels, max_pixels, image_mean=image_mean, image_std=image_std)
+    else:
+        model, processor = _from_pretrained(name_or_path, min_pixels, max_pixels, dtype, attn_implementation)
+    if linear_patch_embed:
+        use_linear_patch_embed(model)
+    return Backbone(model=model, processor=processor, source=name_or_path)
+
+
+def _from_pretrained(name_or_path: str, min_pixels: int, max_pixels: int, dtype: torch.dtype, attn: str):
+    if not os.path.isdir(name_or_path) and "/" not in name_or_path:
+        raise ValueError(
+            f"unknown backbone {name_or_path!r}: expected a preset ({', '.join(PRESETS)}), a local directory, "
+            "or a hub id such as 'Qwen/Qwen3-VL-Embedding-2B'"
+        )
+    from transformers import AutoProcessor
+
+    from vdr.models.processor import EMBEDDING_CHAT_TEMPLATE
+
+    model = Qwen3VLModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    set_pixel_bounds(processor, min_pixels, max_pixels)
+    # Our collator renders with the embedding template whatever the checkpoint ships (an instruct model's
+    # template would add thinking or date headers that training and serving would then disagree on).
+    processor.tokenizer.chat_template = EMBEDDING_CHAT_TEMPLATE
+    processor.chat_template = EMBEDDING_CHAT_TEMPLATE
+    return model, processor
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts of the vision tower, the token embeddings and the rest of the text tower."""
+    vision = sum(p.numel() for p in model.visual.parameters())
+    embed = model.language_model.embed_tokens.weight.numel()
+    text = sum(p.numel() for p in model.language_model.parameters()) - embed
+    return {"vision": vision, "embeddings": embed, "text": text}

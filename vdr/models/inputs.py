@@ -1,0 +1,36 @@
+"""The tensors a Qwen3-VL encoder consumes, as one dataclass (what the collator returns per side of a batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EncoderInputs:
+    """A padded batch of chat-rendered sequences, with the patches of every image in it.
+
+    Lightning moves dataclasses field by field, so this travels to the device as it is.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64, right-padded
+    attention_mask: torch.Tensor  # [B, L] int64, 1 for real tokens
+    mm_token_type_ids: torch.Tensor  # [B, L] int32: 0 text, 1 image, 2 video (transformers 5.x needs it for M-RoPE)
+    pixel_values: torch.Tensor | None = None  # [P, 3 * 2 * 16 * 16] patches of all images, in batch order
+    image_grid_thw: torch.Tensor | None = None  # [I, 3] int64 (temporal, height, width) patches per image
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``Qwen3VLModel.forward``."""
+        kwargs = {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "mm_token_type_ids": self.mm_token_type_ids,
+        }
+        if self.pixel_values is not None:
+            kwargs["pixel_values"] = self.pixel_values
+            kwargs["image_grid_thw"] = self.image_grid_thw
+        return kwargs
