@@ -104,3 +104,15 @@ def test_biencoder_embedding_ignores_padding(tiny_backbone) -> None:
         alone = model(collator.encode_texts(["acme revenue"], "q"))
         padded = model(collator.encode_texts(["acme revenue", "a much longer query about profit in 2019"], "q"))
     assert torch.allclose(alone[0], padded[0], atol=1e-5)
+
+
+def test_added_whole_word_tokens() -> None:
+    backbone = load_backbone("tiny", min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS, added_tokens=["Elkora", "2019"])
+    tokenizer = backbone.processor.tokenizer
+    pieces = [tokenizer.decode([i]) for i in tokenizer("Elkora sales 2019 20190", add_special_tokens=False).input_ids]
+    assert "Elkora" in pieces and "2019" in pieces
+    assert "20190" not in pieces and pieces[-5:] == ["2", "0", "1", "9", "0"]  # not matched inside a longer word
+    assert max(tokenizer.convert_tokens_to_ids(["Elkora", "2019"])) < backbone.model.config.text_config.vocab_size
+    with pytest.raises(ValueError, match="do not fit"):
+        load_backbone("tiny", min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS,
+                      added_tokens=[f"w{i}" for i in range(300)])

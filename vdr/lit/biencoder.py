@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
@@ -36,6 +36,8 @@ class BackboneConfig:
         image_mean: Pixel mean of presets (hub processors bring their own).
         image_std: Pixel std of presets.
         linear_patch_embed: Run the patch embedding as a matmul (same weights and outputs; the Conv3d is slow).
+        initializer_range: Std of the random initialisation of presets (default: the preset's own).
+        added_tokens: Whole words to tokenize as single tokens (domain vocabulary for from-scratch presets).
     """
 
     name_or_path: str = "tiny"
@@ -47,6 +49,8 @@ class BackboneConfig:
     image_mean: float = 0.5
     image_std: float = 0.5
     linear_patch_embed: bool = True
+    initializer_range: float | None = None
+    added_tokens: list[str] = field(default_factory=list)
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:

@@ -142,6 +142,21 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def add_whole_word_tokens(tokenizer, words, embedding_rows: int) -> None:
+    """Adds words as single tokens that match only as whole words (``"2019"``, not inside ``"20190"``).
+
+    Args:
+        tokenizer: The tokenizer to extend in place.
+        words: The words; ones the tokenizer already has as added tokens are skipped.
+        embedding_rows: Rows of the model's embedding table: every new id must have one.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in dict.fromkeys(words)])
+    if len(tokenizer) > embedding_rows:
+        raise ValueError(f"{len(tokenizer)} token ids do not fit the model's {embedding_rows} embedding rows")
+
+
 def image_processor_class():
     """The torchvision-backed Qwen2-VL image processor (what GPU users run), under either transformers naming."""
     import transformers
