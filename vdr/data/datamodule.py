@@ -50,8 +50,9 @@ class RetrievalDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters({"synthetic": asdict(synthetic) if synthetic else None} | {
-            k: v for k, v in locals().items() if k not in ("self", "synthetic", "__class__")})
+        # Plain data only (the synthetic config as a dict), so hparams.yaml and TensorBoard can hold it.
+        self.save_hyperparameters(ignore=["synthetic"])
+        self.hparams["synthetic"] = asdict(synthetic) if synthetic else None
         if synthetic is not None:
             train = train or os.path.join(synthetic_dir, "train")
             eval = eval or os.path.join(synthetic_dir, "eval")
