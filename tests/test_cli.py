@@ -45,6 +45,12 @@ def test_fit_fast_dev_run(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.
     assert main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.fast_dev_run", "true"]) == 0
 
 
+def test_fit_bf16_mixed(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.fast_dev_run", "true",
+                 "--trainer.precision", "bf16-mixed"]) == 0
+
+
 @pytest.fixture(scope="module")
 def fitted_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-step run with a validation before training and at the end, in its own checkpoints/ folder."""

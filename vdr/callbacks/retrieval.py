@@ -80,7 +80,7 @@ class RetrievalEvaluator(L.Callback):
             rank_zero_warn(f"{metrics['num_skipped']} eval queries have no relevant document and were skipped")
         prefix = "test/" if trainer.testing else self.prefix
         for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
-            pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=name in ("ndcg@10", "recall@1"))
+            pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=True)
         self.last_metrics, self.last_ranking = metrics, ranked.cpu()
         rank_zero_info(
             f"step {trainer.global_step}: " + ", ".join(f"{n} {metrics[n]:.4f}" for n in ("ndcg@10", "recall@1"))

@@ -34,9 +34,14 @@ def load_table(source: str, *, split: str = "train", config: str | None = None) 
         if not files:
             raise DataError(source, "no parquet file matches")
         return datasets.load_dataset("parquet", data_files=files, split="train")
-    if os.path.sep in source and not source.count("/") == 1 or source.startswith((".", "/")):
-        raise DataError(source, "no such file or directory")
+    if not _looks_like_hub_id(source):
+        raise DataError(source, "no such file or directory (and not a hub id of the form owner/name)")
     return datasets.load_dataset(source, config, split=split)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` (or a bare name): no leading ``.``, ``/`` or ``~`` and at most one slash."""
+    return not source.startswith((".", "/", "~")) and source.count("/") <= 1
 
 
 def _pick_split(loaded, source: str, split: str) -> datasets.Dataset:
