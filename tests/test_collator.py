@@ -85,3 +85,16 @@ def test_encode_examples_keep_their_index(processor) -> None:
     assert batch.index.tolist() == [7, 3]
     pages = collator([EncodeExample(index=1, image=_page((50, 50), 0))])
     assert pages.inputs.pixel_values is not None
+
+
+def test_head_keeps_exactly_the_first_sequences_images(processor) -> None:
+    collator = EmbeddingCollator(processor)
+    images = [_page(size, i) for i, size in enumerate(SIZES)]
+    everything = collator.encode_pages(images, "d")
+    first = collator.encode_pages(images[:3], "d")
+    head = everything.head(3)
+    assert torch.equal(head.pixel_values, first.pixel_values)
+    assert torch.equal(head.image_grid_thw, first.image_grid_thw)
+    width = first.input_ids.shape[1]
+    assert torch.equal(head.input_ids[:, :width], first.input_ids)
+    assert head.attention_mask[:, width:].sum() == 0  # only padding beyond the shorter batch's width

@@ -47,3 +47,22 @@ def test_overfitting_a_small_set_raises_ndcg(tiny_synth: Path, tmp_path: Path) -
     trainer.fit(module, datamodule=data)
     after = evaluator.last_metrics["ndcg@10"]
     assert after > before + 0.3, (before, after)
+
+
+def test_hard_negatives_after_step_trains_on_positives_first(tiny_synth: Path) -> None:
+    # Before the switch the step's loss is the in-batch loss of the same rows collated without negatives.
+    from vdr.data.schema import TrainRows
+    from vdr.data.sources import load_table
+
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), hard_negatives_after_step=10)
+    with_negatives = TrainRows(load_table(str(tiny_synth / "train")), "t", num_negatives=1)
+    without = TrainRows(load_table(str(tiny_synth / "train")), "t", num_negatives=0)
+    batch = module.collator([with_negatives[i] for i in range(4)])
+    plain = module.collator([without[i] for i in range(4)])
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    early = module.training_step(batch, 0)
+    expected = module.loss(module.model(plain.queries), module.model(plain.documents),
+                           document_keys=plain.document_keys)
+    assert torch.allclose(early, expected, atol=1e-5)
+    module.hard_negatives_after_step = 0
+    assert not torch.allclose(module.training_step(batch, 0), expected, atol=1e-3)

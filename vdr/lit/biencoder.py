@@ -72,6 +72,9 @@ class BiEncoderModule(L.LightningModule):
         freeze_vision: Keep the vision tower's weights fixed.
         freeze_token_embeddings: Keep the token embedding table fixed (151,936 rows: on small presets its AdamW
             update costs more than the rest of the step).
+        hard_negatives_after_step: Train on in-batch negatives only before this optimizer step, then on the hard
+            negatives too. A model trained from scratch first has to leave its collapsed start (all embeddings
+            alike), which hard negatives slow down; a pretrained backbone wants 0.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class BiEncoderModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         freeze_vision: bool = False,
         freeze_token_embeddings: bool = False,
+        hard_negatives_after_step: int = 0,
     ) -> None:
         super().__init__()
         # Dicts arrive from load_from_checkpoint (hyperparameters are saved as plain data).
@@ -97,7 +101,8 @@ class BiEncoderModule(L.LightningModule):
             {"backbone": asdict(self.backbone_config), "prompts": asdict(self.prompts),
              "max_text_tokens": max_text_tokens, "warmup_ratio": warmup_ratio, "decay": decay,
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
-             "freeze_token_embeddings": freeze_token_embeddings}
+             "freeze_token_embeddings": freeze_token_embeddings,
+             "hard_negatives_after_step": hard_negatives_after_step}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
         self.model = BiEncoder(loaded.model)
@@ -106,6 +111,7 @@ class BiEncoderModule(L.LightningModule):
         self.loss = loss or InfoNCELoss()
         self.optimizer_factory = optimizer
         self.warmup_ratio, self.decay, self.min_lr_ratio = warmup_ratio, decay, min_lr_ratio
+        self.hard_negatives_after_step = hard_negatives_after_step
         if freeze_vision:
             self.model.backbone.visual.requires_grad_(False)
         if freeze_token_embeddings:
@@ -116,9 +122,12 @@ class BiEncoderModule(L.LightningModule):
         return self.model(inputs)
 
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
+        documents, keys = batch.documents, batch.document_keys
+        if self.global_step < self.hard_negatives_after_step:
+            documents, keys = documents.head(len(batch)), keys[: len(batch)]  # positives only
         queries = self.model(batch.queries)  # [B, D]
-        documents = self.model(batch.documents)  # [B * (1 + k), D]
-        loss = self.loss(queries, documents, document_keys=batch.document_keys)
+        documents = self.model(documents)  # [B * (1 + k), D]
+        loss = self.loss(queries, documents, document_keys=keys)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))

@@ -23,6 +23,22 @@ class EncoderInputs:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def head(self, n: int, merge_area: int = 4) -> EncoderInputs:
+        """The first ``n`` sequences with exactly their images' patches (trailing padding columns may remain).
+
+        Args:
+            n: Sequences to keep.
+            merge_area: Patches per visual token (Qwen3-VL merges 2x2).
+        """
+        if self.pixel_values is None:
+            return EncoderInputs(self.input_ids[:n], self.attention_mask[:n], self.mm_token_type_ids[:n])
+        kept_tokens = int((self.mm_token_type_ids[:n] == 1).sum())
+        tokens_per_image = self.image_grid_thw.prod(-1) // merge_area  # [I]
+        images = int((tokens_per_image.cumsum(0) <= kept_tokens).sum())
+        patches = int(self.image_grid_thw[:images].prod(-1).sum())
+        return EncoderInputs(self.input_ids[:n], self.attention_mask[:n], self.mm_token_type_ids[:n],
+                             self.pixel_values[:patches], self.image_grid_thw[:images])
+
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``Qwen3VLModel.forward``."""
         kwargs = {
