@@ -12,6 +12,7 @@ fails the run before any training; pixels that do not decode fail when their row
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,8 +22,6 @@ from PIL import Image
 
 from vdr.data.errors import DataError
 from vdr.data.images import EncodedImage, decode, read_encoded, verify
-
-IMAGE_FEATURE_TYPES = (datasets.Image,)
 
 
 @dataclass
@@ -197,8 +196,6 @@ class EvalSet:
 
 def load_eval_set(source: str, *, loader: Callable[..., datasets.Dataset], verify_images: bool = True) -> EvalSet:
     """Loads ``source/{queries,corpus,qrels}`` (local directories) or the hub configurations of those names."""
-    import os
-
     if os.path.isdir(source):
         tables = {part: loader(os.path.join(source, part)) for part in ("queries", "corpus", "qrels")}
         root = source

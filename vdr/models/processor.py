@@ -13,7 +13,6 @@ The converted ``tokenizer.json`` is cached (keyed by the ranks' hash) because th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from importlib import resources
@@ -206,7 +205,3 @@ def set_pixel_bounds(processor, min_pixels: int, max_pixels: int) -> None:
         if hasattr(processor.image_processor, name):
             setattr(processor.image_processor, name, value)
 
-
-def describe(processor) -> str:
-    size = json.dumps(processor.image_processor.size)
-    return f"{type(processor).__name__}(image size {size}, vocab {len(processor.tokenizer)})"
