@@ -126,7 +126,7 @@ class BiEncoderModule(L.LightningModule):
         if self.global_step < self.hard_negatives_after_step:
             documents, keys = documents.head(len(batch)), keys[: len(batch)]  # positives only
         queries = self.model(batch.queries)  # [B, D]
-        documents = self.model(documents)  # [B * (1 + k), D]
+        documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
         loss = self.loss(queries, documents, document_keys=keys)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")

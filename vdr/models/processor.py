@@ -146,14 +146,19 @@ def add_whole_word_tokens(tokenizer, words, embedding_rows: int) -> None:
 
     Args:
         tokenizer: The tokenizer to extend in place.
-        words: The words; ones the tokenizer already has as added tokens are skipped.
+        words: The words (duplicates are ignored).
         embedding_rows: Rows of the model's embedding table: every new id must have one.
     """
     from tokenizers import AddedToken
 
-    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in dict.fromkeys(words)])
-    if len(tokenizer) > embedding_rows:
-        raise ValueError(f"{len(tokenizer)} token ids do not fit the model's {embedding_rows} embedding rows")
+    words = list(dict.fromkeys(words))
+    # Words already in the vocabulary keep their id but still become whole-word added tokens; only the others
+    # take new ids. Check before adding, so a refused call leaves the tokenizer as it was.
+    vocabulary = tokenizer.get_vocab()
+    needed = len(tokenizer) + sum(w not in vocabulary for w in words)
+    if needed > embedding_rows:
+        raise ValueError(f"{needed} token ids do not fit the model's {embedding_rows} embedding rows")
+    tokenizer.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words])
 
 
 def image_processor_class():
