@@ -53,14 +53,17 @@ def _pytrec(scores: torch.Tensor, qrels: list[dict[int, int]]) -> dict[str, floa
     for qid, docs in full.items():
         ordered = sorted(docs.items(), key=lambda kv: (-kv[1], [-ord(c) for c in kv[0]]))[:10]
         cut[qid] = dict(ordered)
-    full_eval = pytrec_eval.RelevanceEvaluator(qrel, {"ndcg_cut.10", "recall.1", "recall.10"}).evaluate(full)
+    measures = {"ndcg_cut.10", "recall.1", "recall.5", "recall.10", "map_cut.100"}
+    full_eval = pytrec_eval.RelevanceEvaluator(qrel, measures).evaluate(full)
     cut_eval = pytrec_eval.RelevanceEvaluator(qrel, {"recip_rank"}).evaluate(cut)
     # pytrec's binary measures count grade >= 1 as relevant, as ours do.
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     return {
         "ndcg@10": mean([v["ndcg_cut_10"] for v in full_eval.values()]),
         "recall@1": mean([v["recall_1"] for v in full_eval.values()]),
+        "recall@5": mean([v["recall_5"] for v in full_eval.values()]),
         "recall@10": mean([v["recall_10"] for v in full_eval.values()]),
+        "map@100": mean([v["map_cut_100"] for v in full_eval.values()]),
         "mrr@10": mean([cut_eval[q]["recip_rank"] if q in cut_eval else 0.0 for q in full_eval]),
         "num_queries": len(full_eval),
     }
@@ -72,10 +75,29 @@ def test_metrics_match_pytrec_eval(seed: int, chunk: int) -> None:
     scores, qrels = _fixture(seed)
     ours = retrieval_metrics(_rank(scores, k=12, chunk=chunk), qrels)
     reference = _pytrec(scores, qrels)
-    for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
+    for name in ("ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10"):
         assert ours[name] == pytest.approx(reference[name], abs=1e-6), name
+    assert "map@100" not in ours  # a top-12 of a 40-page corpus cannot give MAP@100
     assert ours["num_queries"] == reference["num_queries"] == len(qrels) - 1
     assert ours["num_skipped"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_map_at_100_matches_pytrec_eval(seed: int) -> None:
+    # 150 pages: relevant documents fall inside and outside the top 100 (query 5's sits last).
+    scores, qrels = _fixture(seed, queries=9, corpus=150)
+    ours = retrieval_metrics(_rank(scores, k=100, chunk=64), qrels)
+    assert ours["map@100"] == pytest.approx(_pytrec(scores, qrels)["map@100"], abs=1e-9)
+    # A ranking that covers the whole (small) corpus is enough.
+    small, small_qrels = _fixture(seed, queries=9, corpus=40)
+    covered = retrieval_metrics(_rank(small, k=100, chunk=7), small_qrels, corpus_size=40)
+    assert covered["map@100"] == pytest.approx(_pytrec(small, small_qrels)["map@100"], abs=1e-9)
+
+
+def test_map_normalises_by_all_relevant_documents_not_the_retrieved_ones() -> None:
+    # One of two relevant documents at rank 1, the other never retrieved: AP = (1/1) / 2, not 1 (torchmetrics).
+    ranked = torch.arange(100)[None]
+    assert retrieval_metrics(ranked, [{0: 1, 500: 1}])["map@100"] == pytest.approx(0.5)
 
 
 def test_running_topk_equals_a_stable_full_sort() -> None:
