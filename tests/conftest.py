@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +19,29 @@ from vdr.models.backbone import Backbone, load_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PIXELS = 64 * 64  # 4 visual tokens per page: the tiny model reads them in milliseconds
+# The tiny config stack the CLI tests run (`vdr fit` with these files, then per-test flags).
+STACK = ["--config", str(REPO / "configs/trainer/default.yaml"), "--config", str(REPO / "configs/trainer/cpu.yaml"),
+         "--config", str(REPO / "configs/callbacks/default.yaml"), "--config", str(REPO / "configs/model/tiny.yaml")]
+
+
+def data_args(synth: Path) -> list[str]:
+    """CLI flags that train on a synthetic dataset with small batches and quiet logs."""
+    return ["--data.train", str(synth / "train"), "--data.eval", str(synth / "eval"), "--data.batch_size", "8",
+            "--data.eval_batch_size", "16", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run directory: ``{tag: [(step, value), ...]}``."""
+    values: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return values
+
+
 TINY_SYNTH = SynthConfig(seed=1, image_size=64, num_train_pages=48, num_negatives=1, num_eval_queries=12,
                          distractors_per_query=2)
 

@@ -8,31 +8,11 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vdr.cli import main
 from vdr.data.errors import DataError
 
-from .conftest import REPO
-
-STACK = ["--config", str(REPO / "configs/trainer/default.yaml"), "--config", str(REPO / "configs/trainer/cpu.yaml"),
-         "--config", str(REPO / "configs/callbacks/default.yaml"), "--config", str(REPO / "configs/model/tiny.yaml")]
-
-
-def _data_args(synth: Path) -> list[str]:
-    return ["--data.train", str(synth / "train"), "--data.eval", str(synth / "eval"), "--data.batch_size", "8",
-            "--data.eval_batch_size", "16", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false"]
-
-
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    values: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return values
+from .conftest import REPO, STACK, data_args, scalars
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -42,12 +22,12 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_fit_fast_dev_run(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.fast_dev_run", "true"]) == 0
+    assert main(["fit", *STACK, *data_args(tiny_synth), "--trainer.fast_dev_run", "true"]) == 0
 
 
 def test_fit_bf16_mixed(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.fast_dev_run", "true",
+    assert main(["fit", *STACK, *data_args(tiny_synth), "--trainer.fast_dev_run", "true",
                  "--trainer.precision", "bf16-mixed"]) == 0
 
 
@@ -57,7 +37,7 @@ def fitted_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        main(["fit", *STACK, *_data_args(tiny_synth), "--trainer.logger.init_args.name", "cli",
+        main(["fit", *STACK, *data_args(tiny_synth), "--trainer.logger.init_args.name", "cli",
               "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
               "--trainer.check_val_every_n_epoch", "null", "--validate_before_fit", "true"])
     return root / "checkpoints" / "cli" / "version_0"
@@ -66,12 +46,12 @@ def fitted_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_fit_writes_config_events_and_checkpoints(fitted_run: Path) -> None:
     config = (fitted_run / "config.yaml").read_text()
     assert "name_or_path: tiny" in config and "max_steps: 4" in config
-    scalars = _scalars(fitted_run)
+    logged = scalars(fitted_run)
     # One validation before training (step 0) and one at the end (step 4 - 1: Lightning logs the last step index).
-    assert [step for step, _ in scalars["val/ndcg@10"]] == [0, 3]
-    assert all(0.0 <= value <= 1.0 for _, value in scalars["val/ndcg@10"])
+    assert [step for step, _ in logged["val/ndcg@10"]] == [0, 3]
+    assert all(0.0 <= value <= 1.0 for _, value in logged["val/ndcg@10"])
     for name in ("val/mrr@10", "val/recall@1", "val/recall@10", "train/loss"):
-        assert name in scalars, name
+        assert name in logged, name
     checkpoints = sorted(p.name for p in (fitted_run / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any(n.startswith("step4-ndcg") for n in checkpoints)
 
@@ -89,9 +69,9 @@ def test_validate_from_checkpoint_reproduces_the_final_metric(fitted_run: Path, 
         seen.append(dict(self.last_metrics))
 
     monkeypatch.setattr(RetrievalEvaluator, "on_validation_epoch_end", spy)
-    main(["validate", *STACK, *_data_args(tiny_synth), "--trainer.logger", "false",
+    main(["validate", *STACK, *data_args(tiny_synth), "--trainer.logger", "false",
           "--ckpt_path", str(fitted_run / "checkpoints" / "last.ckpt")])
-    final = _scalars(fitted_run)["val/ndcg@10"][-1][1]
+    final = scalars(fitted_run)["val/ndcg@10"][-1][1]
     assert seen and seen[0]["ndcg@10"] == pytest.approx(final, abs=1e-6)
 
 
@@ -118,7 +98,7 @@ def test_failed_run_leaves_earlier_runs_untouched(fitted_run: Path, tiny_synth: 
     monkeypatch.chdir(root)
     before = _digest(root / "checkpoints")
     with pytest.raises(DataError, match=r"qrels', row 3, column 'corpus_id'"):
-        main(["fit", *STACK, *_data_args(tiny_synth), "--data.eval", str(bad), "--trainer.logger.init_args.name",
+        main(["fit", *STACK, *data_args(tiny_synth), "--data.eval", str(bad), "--trainer.logger.init_args.name",
               "cli", "--trainer.max_steps", "1"])
     after = _digest(root / "checkpoints")
     assert {k: v for k, v in after.items() if k in before} == before

@@ -1,4 +1,5 @@
-"""The ``vdr`` command: LightningCLI subcommands (fit, validate, test) plus data tools (``vdr data synth``).
+"""The ``vdr`` command: LightningCLI subcommands (fit, validate, test), ``vdr export``, ``vdr evaluate`` and data tools
+(``vdr data synth``).
 
 Configs compose: ``vdr fit --config configs/trainer/cpu.yaml --config configs/model/demo.yaml ...``; later files
 and flags override earlier ones. ``main(argv)`` is what the console script and the tests call.
@@ -6,6 +7,7 @@ and flags override earlier ones. ``main(argv)`` is what the console script and t
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -18,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from vdr.config_includes import expand_includes  # noqa: E402
 from vdr.data.datamodule import RetrievalDataModule  # noqa: E402
+from vdr.data.errors import DataError  # noqa: E402
 from vdr.lit.biencoder import BiEncoderModule  # noqa: E402
 
 
@@ -48,12 +51,48 @@ def _data_main(argv: list[str]) -> int:
     return 2
 
 
+def _bare_flags(function, argv: list[str]) -> list[str]:
+    """A bare ``--overwrite`` means ``--overwrite true`` for bool parameters (jsonargparse wants a value)."""
+    parameters = inspect.signature(function).parameters
+    flags = {f"--{name}" for name, p in parameters.items() if p.annotation in (bool, "bool")}
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        out.append(word)
+        if word in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def _tool_main(function, argv: list[str]) -> int:
+    # Plain functions become commands with jsonargparse, as LightningCLI does for classes: --help shows the
+    # docstring's argument descriptions.
+    from jsonargparse import CLI
+
+    try:
+        CLI(function, args=_bare_flags(function, argv), as_positional=False)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as error:
+        if os.environ.get("VDR_TRACEBACK"):
+            raise
+        # Bad input, not a bug: one clear line (VDR_TRACEBACK=1 shows where it came from).
+        print(f"vdr {function.__name__.removesuffix('_command')}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # We pass the (include-expanded) command line explicitly, which LightningCLI warns about when run as a script.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     if words and words[0] == "data":
         return _data_main(words[1:])
+    if words and words[0] == "export":
+        from vdr.export.embedder import export_command
+
+        return _tool_main(export_command, words[1:])
+    if words and words[0] == "evaluate":
+        from vdr.evaluation.run import evaluate_command
+
+        return _tool_main(evaluate_command, words[1:])
     VdrCLI(
         BiEncoderModule,
         RetrievalDataModule,

@@ -41,6 +41,13 @@ class RetrievalEvaluator(L.Callback):
             # Each rank would rank only its shard of the queries and corpus: refuse rather than log wrong numbers.
             raise NotImplementedError("RetrievalEvaluator runs on one process; distributed evaluation is not built yet")
 
+    def state_dict(self) -> dict:
+        # Saved into every checkpoint: the metrics of the validation that produced it (the export's model card).
+        return {"last_metrics": dict(self.last_metrics)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+
     def _reset(self) -> None:
         self._query_chunks, self._topk = [], None
 
@@ -75,13 +82,14 @@ class RetrievalEvaluator(L.Callback):
         _, ranked = self._topk.result()
         if ranked.shape[0] != len(eval_set.qrels):
             raise RuntimeError(f"ranked {ranked.shape[0]} queries, the eval set has {len(eval_set.qrels)}")
-        metrics = retrieval_metrics(ranked, eval_set.qrels)
+        metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(eval_set.corpus_ids))
         if metrics["num_skipped"]:
             rank_zero_warn(f"{metrics['num_skipped']} eval queries have no relevant document and were skipped")
         prefix = "test/" if trainer.testing else self.prefix
         for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
             pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=True)
-        self.last_metrics, self.last_ranking = metrics, ranked.cpu()
+        self.last_metrics = {"step": trainer.global_step, **metrics}
+        self.last_ranking = ranked.cpu()
         rank_zero_info(
             f"step {trainer.global_step}: " + ", ".join(f"{n} {metrics[n]:.4f}" for n in ("ndcg@10", "recall@1"))
         )

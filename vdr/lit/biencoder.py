@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
+from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
 from vdr.lit.schedule import Decay, warmup_decay
 from vdr.losses.contrastive import InfoNCELoss
 from vdr.models.backbone import load_backbone
@@ -55,6 +58,9 @@ class BackboneConfig:
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
+
+
+CHECKPOINT_KIND = "biencoder"
 
 
 class BiEncoderModule(L.LightningModule):
@@ -105,6 +111,11 @@ class BiEncoderModule(L.LightningModule):
              "hard_negatives_after_step": hard_negatives_after_step}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
+        for side, saved in loaded.prompts.items():
+            ours = getattr(self.prompts, side, None)
+            if ours is not None and saved != ours:
+                rank_zero_warn(f"{loaded.source} was trained with the {side} prompt {saved!r}; this run uses {ours!r} "
+                               "(set model.prompts to keep the original)")
         self.model = BiEncoder(loaded.model)
         self.processor = loaded.processor
         self.collator = EmbeddingCollator(self.processor, self.prompts, max_text_tokens)
@@ -116,6 +127,27 @@ class BiEncoderModule(L.LightningModule):
             self.model.backbone.visual.requires_grad_(False)
         if freeze_token_embeddings:
             self.model.backbone.get_input_embeddings().requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> BiEncoderModule:
+        """Rebuilds the module of a ``vdr fit`` checkpoint on the CPU with its trained weights, outside Lightning.
+
+        Args:
+            checkpoint: A ``.ckpt`` path, or the dict :func:`vdr.lit.checkpoint.read_checkpoint` returned for one.
+            overrides: Replace saved hyperparameters (e.g. ``backbone`` to load the base from elsewhere).
+
+        Only the model's weights are restored (strictly); optimizer, loss and loop state are not needed to embed or
+        export.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = read_checkpoint(checkpoint, CHECKPOINT_KIND)
+        module = cls(**{**checkpoint["hyper_parameters"], **overrides})
+        weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        module.model.load_state_dict(weights, strict=True)
+        return module.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vdr"] = checkpoint_marker(CHECKPOINT_KIND)
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""

@@ -121,6 +121,8 @@ class Backbone:
     model: Qwen3VLModel
     processor: Any
     source: str
+    # Query/document prompts saved with a Sentence Transformers model (empty otherwise): what it was trained with.
+    prompts: dict[str, str] = field(default_factory=dict)
 
     @property
     def hidden_size(self) -> int:
@@ -130,8 +132,8 @@ class Backbone:
 def load_backbone(
     name_or_path: str,
     *,
-    min_pixels: int,
-    max_pixels: int,
+    min_pixels: int | None,
+    max_pixels: int | None,
     dtype: torch.dtype | str = torch.float32,
     attn_implementation: str = "sdpa",
     seed: int = 0,
@@ -145,8 +147,10 @@ def load_backbone(
 
     Args:
         name_or_path: A preset name (``tiny``, ``demo``, ``2b``), a hub id such as ``Qwen/Qwen3-VL-Embedding-2B``,
-            or a local directory saved with ``save_pretrained``.
-        min_pixels: Smallest page area after resizing.
+            or a local directory saved with ``save_pretrained``. A Sentence Transformers directory or repository
+            (``modules.json``, as the published Qwen3-VL-Embedding models and ``vdr export`` write them) loads its
+            Transformer module, after checking that it pools the last token and normalises.
+        min_pixels: Smallest page area after resizing (None: keep a loaded processor's own; presets need it).
         max_pixels: Largest page area after resizing (sets the visual-token budget: one token per 32x32 px).
         dtype: Parameter dtype. Keep float32 master weights for mixed-precision training.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2``.
@@ -159,7 +163,10 @@ def load_backbone(
             special tokens, inside the embedding table's spare rows (Qwen3-VL: 151,936 rows for 151,669 ids).
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    prompts: dict[str, str] = {}
     if name_or_path in PRESETS:
+        if min_pixels is None or max_pixels is None:
+            raise ValueError(f"preset {name_or_path!r} needs min_pixels and max_pixels")
         preset = PRESETS[name_or_path]
         if initializer_range is not None:
             preset = replace(preset, initializer_range=initializer_range)
@@ -171,16 +178,18 @@ def load_backbone(
         model.to(dtype)
         processor = build_processor(min_pixels, max_pixels, image_mean=image_mean, image_std=image_std)
     else:
-        model, processor = _from_pretrained(name_or_path, min_pixels, max_pixels, dtype, attn_implementation)
+        model, processor, prompts = _from_pretrained(name_or_path, min_pixels, max_pixels, dtype, attn_implementation)
     if linear_patch_embed:
         use_linear_patch_embed(model)
     if added_tokens:
         add_whole_word_tokens(processor.tokenizer, added_tokens, model.config.text_config.vocab_size)
-    return Backbone(model=model, processor=processor, source=name_or_path)
+    return Backbone(model=model, processor=processor, source=name_or_path, prompts=prompts)
 
 
-def _from_pretrained(name_or_path: str, min_pixels: int, max_pixels: int, dtype: torch.dtype, attn: str):
-    if not os.path.isdir(name_or_path) and "/" not in name_or_path:
+def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int | None, dtype: torch.dtype,
+                     attn: str):
+    local = os.path.isdir(name_or_path)
+    if not local and "/" not in name_or_path:
         raise ValueError(
             f"unknown backbone {name_or_path!r}: expected a preset ({', '.join(PRESETS)}), a local directory, "
             "or a hub id such as 'Qwen/Qwen3-VL-Embedding-2B'"
@@ -188,15 +197,25 @@ def _from_pretrained(name_or_path: str, min_pixels: int, max_pixels: int, dtype:
     from transformers import AutoProcessor
 
     from vdr.models.processor import EMBEDDING_CHAT_TEMPLATE
+    from vdr.models.st_format import check_last_token_embedder, hub_layout, local_layout
 
-    model = Qwen3VLModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn)
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    set_pixel_bounds(processor, min_pixels, max_pixels)
+    layout = local_layout(name_or_path) if local else hub_layout(name_or_path)
+    kwargs = {}
+    if layout is not None:
+        check_last_token_embedder(layout, name_or_path)
+        if layout.transformer_path:
+            kwargs["subfolder"] = layout.transformer_path
+    # A Qwen3VLForConditionalGeneration checkpoint loads too: from_pretrained drops its "model." prefix and LM head.
+    model = Qwen3VLModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn, **kwargs)
+    processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    if min_pixels is not None or max_pixels is not None:
+        size = processor.image_processor.size
+        set_pixel_bounds(processor, min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"])
     # Our collator renders with the embedding template whatever the checkpoint ships (an instruct model's
     # template would add thinking or date headers that training and serving would then disagree on).
     processor.tokenizer.chat_template = EMBEDDING_CHAT_TEMPLATE
     processor.chat_template = EMBEDDING_CHAT_TEMPLATE
-    return model, processor
+    return model, processor, dict(layout.prompts) if layout else {}
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -1,0 +1,283 @@
+"""Export to Sentence Transformers, proven against the real library, and the standalone evaluator.
+
+A 6-step tiny run gives a real checkpoint. Its export must load with `SentenceTransformer(path)` (no vdr code) and
+embed exactly as the LightningModule does; `vdr evaluate` must give the same numbers through the checkpoint and the
+export, and Sentence Transformers' own InformationRetrievalEvaluator must agree with our metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+from vdr.cli import main
+from vdr.data.schema import load_eval_set
+from vdr.data.sources import load_table
+from vdr.data.synth import render_page
+from vdr.evaluation.encoders import ModuleEncoder, SentenceTransformerEncoder, load_encoder
+from vdr.evaluation.run import evaluate
+from vdr.export.embedder import export_checkpoint, export_embedder
+from vdr.lit.biencoder import BiEncoderModule
+
+from .conftest import STACK, TINY_PIXELS, data_args, scalars
+
+TEXTS = ["what was Acme revenue in 2019", "Borvex debt 2021", "staff of Calyra for 2016"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-step tiny run validated at its end: last.ckpt holds exactly the weights of the logged metrics."""
+    root = tmp_path_factory.mktemp("export-run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["fit", *STACK, *data_args(tiny_synth), "--trainer.logger.init_args.name", "run",
+              "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
+              "--trainer.check_val_every_n_epoch", "null"])
+    return root / "checkpoints" / "run" / "version_0"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_checkpoint(checkpoint, tmp_path_factory.mktemp("exports") / "model")
+
+
+@pytest.fixture(scope="module")
+def module(checkpoint: Path) -> BiEncoderModule:
+    return BiEncoderModule.from_checkpoint(checkpoint)
+
+
+def _pages(count: int = 3) -> list:
+    return [render_page("Acme", "Revenue", 2015 + i, random.Random(i), size=64) for i in range(count)]
+
+
+def _assert_same_embeddings(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape
+    cosine = F.cosine_similarity(ours.float(), theirs.float().cpu(), dim=-1)
+    assert cosine.min() >= 0.9999, cosine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The directory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_export_has_the_sentence_transformers_layout(exported: Path, module: BiEncoderModule, run: Path) -> None:
+    files = {str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file()}
+    assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+            "1_Pooling/config.json", "2_Normalize/config.json", "README.md"} <= files
+    modules = json.loads((exported / "modules.json").read_text())
+    assert [(m["path"], m["type"].rsplit(".", 1)[-1]) for m in modules] == [
+        ("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize")]
+    bert = json.loads((exported / "sentence_bert_config.json").read_text())
+    assert bert["transformer_task"] == "feature-extraction" and bert["unpad_inputs"] is False
+    assert set(bert["modality_config"]) == {"text", "image", "video", "message"}
+    assert bert["modality_config"]["message"]["format"] == "structured"
+    assert bert["processing_kwargs"] == {"chat_template": {"add_generation_prompt": True}}
+    pooling = json.loads((exported / "1_Pooling" / "config.json").read_text())
+    assert pooling == {"embedding_dimension": 32, "pooling_mode": "lasttoken", "include_prompt": True}
+    st_config = json.loads((exported / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"] == {"query": module.prompts.query, "document": module.prompts.document}
+    assert st_config["similarity_fn_name"] == "cosine" and "truncate_dim" not in st_config
+    assert json.loads((exported / "config.json").read_text())["architectures"] == ["Qwen3VLModel"]
+    # The training page-size bounds are baked into the saved image processor.
+    size = json.loads((exported / "processor_config.json").read_text())["image_processor"]["size"]
+    assert size == {"shortest_edge": TINY_PIXELS, "longest_edge": TINY_PIXELS}
+    # The model card records the base model and the final metric the run logged.
+    card = (exported / "README.md").read_text()
+    final = scalars(run)["val/ndcg@10"][-1][1]
+    assert "Base model: `tiny`" in card and f"| ndcg@10 | {final:.4f} |" in card
+    assert f'SentenceTransformer("{exported}")' in card
+
+
+def test_export_is_loadable_by_sentence_transformers_alone(exported: Path, module: BiEncoderModule) -> None:
+    """Texts through encode_query, pages and page+text through encode_document: the module's own embeddings."""
+    model = SentenceTransformer(str(exported), device="cpu")
+    pages = _pages()
+    with torch.no_grad():
+        queries = module.model(module.collator.encode_texts(TEXTS, module.prompts.query))
+        documents = module.model(module.collator.encode_pages(pages, module.prompts.document))
+        captioned = module.model(module.collator.encode_pages(pages, module.prompts.document,
+                                                              ["figure one", "a table", None]))
+    _assert_same_embeddings(queries, model.encode_query(TEXTS, convert_to_tensor=True))
+    _assert_same_embeddings(documents, model.encode_document(pages, convert_to_tensor=True))
+    mixed = [{"image": pages[0], "text": "figure one"}, {"image": pages[1], "text": "a table"}, pages[2]]
+    _assert_same_embeddings(captioned, model.encode_document(mixed, convert_to_tensor=True))
+    # The caption changes the embedding (so the comparison above tested the text part, too).
+    assert F.cosine_similarity(captioned[0], documents[0], dim=0) < 0.99999
+
+
+def test_truncate_dim_and_dtype(checkpoint: Path, module: BiEncoderModule, tmp_path: Path) -> None:
+    out = export_checkpoint(checkpoint, tmp_path / "small", truncate_dim=16, dtype="bfloat16")
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["truncate_dim"] == 16
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    model = SentenceTransformer(str(out), device="cpu", model_kwargs={"dtype": torch.float32})
+    embeddings = model.encode_query(TEXTS, convert_to_tensor=True)
+    assert embeddings.shape == (3, 16)
+    with torch.no_grad():
+        ours = module.model(module.collator.encode_texts(TEXTS, module.prompts.query))[:, :16]
+    cosine = F.cosine_similarity(ours, embeddings.float(), dim=-1)
+    assert cosine.min() > 0.99  # bf16 weights: close, not exact
+    with pytest.raises(ValueError, match=r"truncate_dim must be in \[1, 32\]"):
+        export_checkpoint(checkpoint, tmp_path / "bad", truncate_dim=33)
+
+
+def test_lora_adapters_are_merged_into_the_export(tiny_backbone, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    module = BiEncoderModule(backbone={"name_or_path": "tiny", "min_pixels": TINY_PIXELS,
+                                       "max_pixels": TINY_PIXELS}).eval()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "qkv"])
+    module.model.backbone = get_peft_model(module.model.backbone, config)
+    with torch.no_grad():
+        for name, parameter in module.model.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.2)  # trained adapters: non-zero updates
+        queries = module.model(module.collator.encode_texts(TEXTS, module.prompts.query))
+        pages = module.model(module.collator.encode_pages(_pages(), module.prompts.document))
+    out = export_embedder(module, tmp_path / "lora")
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert not [k for k in weights.keys() if "lora" in k]
+    model = SentenceTransformer(str(out), device="cpu")
+    _assert_same_embeddings(queries, model.encode_query(TEXTS, convert_to_tensor=True))
+    _assert_same_embeddings(pages, model.encode_document(_pages(), convert_to_tensor=True))
+    # The adapters mattered, and the training module still has them (export merged a copy).
+    base = SentenceTransformer(str(export_embedder(BiEncoderModule(backbone={
+        "name_or_path": "tiny", "min_pixels": TINY_PIXELS, "max_pixels": TINY_PIXELS}), tmp_path / "base")))
+    assert F.cosine_similarity(queries, base.encode_query(TEXTS, convert_to_tensor=True), dim=-1).min() < 0.999
+    assert any("lora_B" in name for name, _ in module.model.backbone.named_parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_non_empty_output_needs_overwrite(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
+        export_checkpoint(checkpoint, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert main(["export", "--ckpt_path", str(checkpoint), "--output", str(out)]) == 2
+    assert main(["export", "--ckpt_path", str(checkpoint), "--output", str(out), "--overwrite"]) == 0
+    assert (out / "modules.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_failed_export_leaves_no_complete_looking_directory(checkpoint: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import vdr.export.embedder as embedder
+
+    previous = export_checkpoint(checkpoint, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embedder, "write_embedder_config", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(checkpoint, tmp_path / "fresh")
+    with pytest.raises(OSError, match="disk full"):
+        export_checkpoint(checkpoint, tmp_path / "model", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no "fresh", no staging leftovers
+    assert {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()} == before
+
+
+def test_wrong_checkpoints_get_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
+    with pytest.raises(ValueError, match="is not a vdr checkpoint"):
+        export_checkpoint(foreign, tmp_path / "a")
+    reranker = tmp_path / "reranker.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "vdr": {"kind": "reranker", "format": 1}}, reranker)
+    with pytest.raises(ValueError, match="is a vdr 'reranker' checkpoint; vdr export supports: 'biencoder'"):
+        export_checkpoint(reranker, tmp_path / "b")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        export_checkpoint(tmp_path / "text.ckpt", tmp_path / "c")
+    assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "d")]) == 2
+    assert "missing.ckpt does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.ckpt", "reranker.ckpt", "text.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: checkpoint route, export route, Sentence Transformers' evaluator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_and_export_rank_identically(checkpoint: Path, exported: Path, tiny_synth: Path,
+                                                run: Path) -> None:
+    eval_set = load_eval_set(str(tiny_synth / "eval"), loader=load_table)
+    ours = load_encoder(str(checkpoint), "cpu")
+    theirs = load_encoder(str(exported), "cpu")
+    assert isinstance(ours, ModuleEncoder) and isinstance(theirs, SentenceTransformerEncoder)
+    from_checkpoint = evaluate(ours, eval_set, batch_size=7, progress=False)
+    from_export = evaluate(theirs, eval_set, batch_size=5, progress=False)
+    assert torch.equal(from_checkpoint.ranked, from_export.ranked)
+    for name, value in from_checkpoint.metrics.items():
+        assert from_export.metrics[name] == pytest.approx(value, abs=1e-6), name
+    # ... and both equal what the training callback logged for these weights.
+    assert from_checkpoint.metrics["ndcg@10"] == pytest.approx(scalars(run)["val/ndcg@10"][-1][1], abs=1e-6)
+
+
+def test_information_retrieval_evaluator_agrees(exported: Path, checkpoint: Path, tiny_synth: Path) -> None:
+    eval_set = load_eval_set(str(tiny_synth / "eval"), loader=load_table)
+    ours = evaluate(load_encoder(str(checkpoint), "cpu"), eval_set, progress=False).metrics
+    rows = eval_set.corpus_rows()
+    evaluator = InformationRetrievalEvaluator(
+        queries=dict(zip(eval_set.query_ids, eval_set.query_texts)),
+        corpus={eval_set.corpus_ids[i]: rows[i].image for i in range(len(rows))},
+        relevant_docs={eval_set.query_ids[q]: {eval_set.corpus_ids[r] for r in relevant}
+                       for q, relevant in enumerate(eval_set.qrels)},
+        accuracy_at_k=[1], precision_recall_at_k=[1, 5, 10], write_csv=False,
+    )
+    theirs = evaluator(SentenceTransformer(str(exported), device="cpu"))
+    prefix = "cosine_"
+    assert theirs[f"{prefix}ndcg@10"] == pytest.approx(ours["ndcg@10"], abs=1e-4)
+    assert theirs[f"{prefix}mrr@10"] == pytest.approx(ours["mrr@10"], abs=1e-4)
+    assert theirs[f"{prefix}recall@5"] == pytest.approx(ours["recall@5"], abs=1e-4)
+    assert theirs[f"{prefix}map@100"] == pytest.approx(ours["map@100"], abs=1e-4)
+
+
+def test_evaluate_command_writes_json(exported: Path, tiny_synth: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports" / "metrics.json"
+    assert main(["evaluate", "--model", str(exported), "--data", str(tiny_synth / "eval"), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert {"ndcg@10", "mrr@10", "recall@1", "recall@5", "recall@10", "map@100"} <= set(report)
+    assert report["num_queries"] == 12 and report["num_documents"] == 36
+    assert f"ndcg@10  {report['ndcg@10']:.4f}" in capsys.readouterr().out
+    # Bad input fails before any model is loaded, with the file named.
+    assert main(["evaluate", "--model", str(exported), "--data", str(tmp_path / "nowhere")]) == 2
+    assert main(["evaluate", "--model", str(exported), "--data", str(tiny_synth / "eval"),
+                 "--output", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_evaluate_a_plain_hugging_face_directory(module: BiEncoderModule, tiny_synth: Path, tmp_path: Path,
+                                                 checkpoint: Path) -> None:
+    # A Qwen3-VL saved with save_pretrained (no modules.json): our module with the default prompts.
+    module.model.backbone.save_pretrained(tmp_path / "hf")
+    module.processor.save_pretrained(tmp_path / "hf")
+    eval_set = load_eval_set(str(tiny_synth / "eval"), loader=load_table)
+    encoder = load_encoder(str(tmp_path / "hf"), "cpu")
+    assert isinstance(encoder, ModuleEncoder)
+    plain = evaluate(encoder, eval_set, progress=False)
+    reference = evaluate(load_encoder(str(checkpoint), "cpu"), eval_set, progress=False)
+    assert torch.equal(plain.ranked, reference.ranked)

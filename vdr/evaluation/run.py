@@ -1,0 +1,118 @@
+"""Standalone retrieval evaluation: ``vdr evaluate --model MODEL --data EVAL_DIR [--output FILE.json]``.
+
+Ranks a whole eval corpus for every eval query with any :class:`~vdr.evaluation.encoders.Encoder` (a checkpoint, an
+export, a hub model), with the same running top-k, tie policy and metrics as the training callback, and reports
+NDCG@10, MRR@10, Recall@{1,5,10} and MAP@100.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vdr.data.schema import EvalSet, load_eval_set
+from vdr.data.sources import load_table
+from vdr.evaluation.encoders import Encoder, load_encoder
+from vdr.evaluation.metrics import METRIC_NAMES, retrieval_metrics
+from vdr.evaluation.topk import RunningTopK
+
+
+@dataclass
+class EvalResult:
+    """Metrics and the kept ranking (``[Q, k]`` corpus rows and scores, best first)."""
+
+    metrics: dict[str, float]
+    ranked: torch.Tensor
+    scores: torch.Tensor
+
+
+def _batches(dataset, batch_size: int, num_workers: int) -> DataLoader:
+    # Decoding pages is the CPU-heavy part; workers overlap it with encoding. Examples stay a list (no collation).
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+
+
+def evaluate(encoder: Encoder, eval_set: EvalSet, *, batch_size: int = 32, k: int = 100, num_workers: int = 0,
+             progress: bool = True) -> EvalResult:
+    """Embeds all queries, streams the corpus through a running top-k, and scores the ranking.
+
+    Args:
+        encoder: Embeds queries and pages.
+        eval_set: Queries, corpus and qrels.
+        batch_size: Inputs per encoder call.
+        k: Documents kept per query (>= 100 for MAP@100 unless the corpus is smaller).
+        num_workers: DataLoader workers decoding pages.
+        progress: Show progress bars (stderr).
+    """
+    texts = eval_set.query_texts
+    queries = torch.cat([
+        encoder.queries(texts[start : start + batch_size])
+        for start in tqdm(range(0, len(texts), batch_size), desc="queries", unit="batch", disable=not progress)
+    ])  # [Q, D]
+    topk = RunningTopK(queries, k)
+    corpus = eval_set.corpus_rows()
+    for examples in tqdm(_batches(corpus, batch_size, num_workers), desc="corpus", unit="batch",
+                         disable=not progress):
+        rows = torch.tensor([e.index for e in examples])
+        topk.update(encoder.pages([e.image for e in examples]), rows)
+    scores, ranked = topk.result()
+    metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(corpus))
+    return EvalResult(metrics, ranked.cpu(), scores.cpu())
+
+
+def _check_output(output: Path | None) -> None:
+    if output is not None and output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a directory; expected a .json file path")
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(partial, path)  # an existing report is replaced only by a complete one
+
+
+def evaluate_command(
+    model: str,
+    data: str,
+    output: Path | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    num_workers: int = 0,
+    verify_images: bool = True,
+) -> dict[str, float]:
+    """Evaluate a retriever on an eval set: NDCG@10, MRR@10, Recall@1/5/10 and MAP@100.
+
+    Args:
+        model: A checkpoint of `vdr fit` (.ckpt), a Sentence Transformers directory (e.g. from `vdr export`), or a
+            Hugging Face Qwen3-VL directory or hub id.
+        data: An eval set with queries/, corpus/ and qrels/ tables (as `vdr data synth` writes under eval/), or a
+            hub dataset with those configurations.
+        output: Also write the metrics to this JSON file.
+        batch_size: Queries or pages per forward pass.
+        device: cpu, cuda, cuda:1, ... (default: cuda when available).
+        num_workers: Processes decoding pages.
+        verify_images: Decode every corpus image up front, so a bad file fails before any model work.
+    """
+    _check_output(output)
+    start = time.perf_counter()
+    eval_set = load_eval_set(data, loader=load_table, verify_images=verify_images)  # bad data fails before the model
+    encoder = load_encoder(model, device)
+    result = evaluate(encoder, eval_set, batch_size=batch_size, num_workers=num_workers)
+    metrics = {name: result.metrics[name] for name in METRIC_NAMES}
+    report = {**metrics, "num_queries": result.metrics["num_queries"], "num_skipped": result.metrics["num_skipped"],
+              "num_documents": len(eval_set.corpus_ids), "model": model, "data": data}
+    for name in METRIC_NAMES:
+        print(f"{name:>10}  {metrics[name]:.4f}")
+    print(f"{len(eval_set.query_ids)} queries, {len(eval_set.corpus_ids)} pages, "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if output is not None:
+        _write_json(Path(output), report)
+    return metrics

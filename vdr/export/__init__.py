@@ -1,0 +1,1 @@
+"""Export of trained checkpoints to serving formats (Sentence Transformers directories), written atomically."""

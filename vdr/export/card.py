@@ -1,0 +1,94 @@
+"""Model cards of exports: what a reader of the directory needs to trust and reuse it."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vdr.evaluation.metrics import METRIC_NAMES
+
+if TYPE_CHECKING:
+    from vdr.export.embedder import Provenance
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _block(value: dict[str, Any]) -> str:
+    shown = {k: v for k, v in value.items() if not k.startswith("_")}  # drop Lightning's internal entries
+    return "```json\n" + json.dumps(shown, indent=2, sort_keys=True, default=str) + "\n```"
+
+
+def write_embedder_card(directory: Path, *, name: str, module, prompts: dict[str, str], truncate_dim: int | None,
+                        provenance: Provenance) -> None:
+    """Writes ``directory/README.md``: usage, base model, prompts, page size, data, config and the final metrics.
+
+    Args:
+        directory: Where to write (may be a staging directory).
+        name: The export's final path, as a user would load it.
+    """
+    backbone = provenance.config.get("backbone", {})
+    base = backbone.get("name_or_path", "unknown")
+    size = module.processor.image_processor.size
+    front = ["---", "library_name: sentence-transformers", "pipeline_tag: visual-document-retrieval",
+             "tags: [sentence-transformers, feature-extraction, visual-document-retrieval, qwen3-vl, vdr]"]
+    if "/" in base and not Path(base).exists():
+        front.append(f"base_model: {base}")  # a hub id
+    front.append("---")
+    lines = [
+        *front,
+        "",
+        "# Qwen3-VL page retriever (trained with vdr)",
+        "",
+        "A bi-encoder that embeds text queries and document page images into one space; rank pages by cosine.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f'model = SentenceTransformer("{name}")',
+        'queries = model.encode_query(["what was Acme revenue in 2019"])',
+        'pages = model.encode_document([Image.open("page.png")])  # or {"image": ..., "text": ...}',
+        "print(model.similarity(queries, pages))",
+        "```",
+        "",
+        "## Model",
+        "",
+        f"- Base model: `{base}`",
+        f"- Embedding: last-token pooling, L2-normalised, {module.model.embedding_dim} dimensions"
+        + (f" (encodes to the first {truncate_dim} by default: `truncate_dim`)" if truncate_dim else ""),
+        f"- Pages are resized to {size['shortest_edge']}..{size['longest_edge']} pixels (one visual token per "
+        "32x32 pixels), as in training",
+        f"- Query prompt (system turn): `{prompts['query']}`",
+        f"- Document prompt (system turn): `{prompts['document']}`",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if provenance.metrics:
+        when = f" (step {provenance.metrics_step})" if provenance.metrics_step is not None else ""
+        lines += [f"Retrieval metrics on the eval set of the last validation before this checkpoint was saved{when}:",
+                  "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {provenance.metrics[name]:.4f} |" for name in METRIC_NAMES if name in provenance.metrics]
+    else:
+        lines.append("No validation metrics were recorded with this checkpoint.")
+    lines += ["", "## Training data", "", _block(provenance.data) if provenance.data else "Not recorded.", "",
+              "## Training config", "", _block(provenance.config), "", "## Provenance", ""]
+    if provenance.checkpoint:
+        lines.append(f"- Checkpoint: `{provenance.checkpoint}` (step {provenance.step})")
+    lines += [
+        f"- Exported {datetime.date.today().isoformat()} with vdr {_version('vdr')}, torch {_version('torch')}, "
+        f"transformers {_version('transformers')}, sentence-transformers {_version('sentence-transformers')}",
+        "",
+    ]
+    (directory / "README.md").write_text("\n".join(lines))
