@@ -27,7 +27,7 @@ from vdr.evaluation.run import evaluate
 from vdr.export.embedder import export_checkpoint, export_embedder
 from vdr.lit.biencoder import BiEncoderModule
 
-from .conftest import STACK, TINY_PIXELS, data_args, scalars
+from .conftest import REPO, STACK, TINY_PIXELS, data_args, scalars
 
 TEXTS = ["what was Acme revenue in 2019", "Borvex debt 2021", "staff of Calyra for 2016"]
 
@@ -281,3 +281,96 @@ def test_evaluate_a_plain_hugging_face_directory(module: BiEncoderModule, tiny_s
     plain = evaluate(encoder, eval_set, progress=False)
     reference = evaluate(load_encoder(str(checkpoint), "cpu"), eval_set, progress=False)
     assert torch.equal(plain.ranked, reference.ranked)
+
+
+
+def test_export_callback_exports_the_best_checkpoint(tiny_synth: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *STACK, "--config", str(REPO / "configs/callbacks/export.yaml"), *data_args(tiny_synth),
+          "--trainer.logger.init_args.name", "cb", "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+          "--trainer.check_val_every_n_epoch", "null"])
+    run_dir = tmp_path / "checkpoints" / "cb" / "version_0"
+    [best] = (run_dir / "checkpoints").glob("step*.ckpt")  # save_top_k=1: the better of the validations at 2 and 4
+    export = run_dir / "export"
+    assert (export / "modules.json").exists() and f"/{best.name}` (step" in (export / "README.md").read_text()
+    model = SentenceTransformer(str(export), device="cpu")
+    module = BiEncoderModule.from_checkpoint(best)
+    with torch.no_grad():
+        queries = module.model(module.collator.encode_texts(TEXTS, module.prompts.query))
+    _assert_same_embeddings(queries, model.encode_query(TEXTS, convert_to_tensor=True))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from Sentence Transformers directories (the published Qwen3-VL-Embedding layout, or our exports)
+# ---------------------------------------------------------------------------------------------------------------
+
+HUB_PROMPTS = {"query": "Retrieve images or text relevant to the user's query.",
+               "document": "Represent the user's input."}
+
+
+def _hub_layout(backbone, directory: Path, *, pooling: str = "lasttoken", prompts: dict | None = None) -> Path:
+    """A tiny model in the layout of Qwen/Qwen3-VL-Embedding-2B on the hub: a Qwen3VLForConditionalGeneration
+    checkpoint and processor at the root, and the pipeline files as Sentence Transformers itself writes them."""
+    from sentence_transformers.base.modules.normalize import Normalize
+    from sentence_transformers.base.modules.transformer import Transformer
+    from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+    from transformers import Qwen3VLForConditionalGeneration
+
+    full = Qwen3VLForConditionalGeneration(backbone.model.config)
+    full.model.load_state_dict(backbone.model.state_dict())
+    full.save_pretrained(directory)
+    backbone.processor.save_pretrained(directory)
+    transformer = Transformer(str(directory), transformer_task="feature-extraction", unpad_inputs=False,
+                              processing_kwargs={"chat_template": {"add_generation_prompt": True}})
+    pipeline = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode=pooling), Normalize()],
+                                   prompts=prompts or HUB_PROMPTS, similarity_fn_name="cosine")
+    pipeline.save(str(directory.parent / "st-writer"))
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json", "2_Normalize/config.json"):
+        (directory / name).parent.mkdir(exist_ok=True)
+        (directory / name).write_bytes((directory.parent / "st-writer" / name).read_bytes())
+    return directory
+
+
+def test_backbone_loads_from_the_hub_embedding_layout(tiny_backbone, tmp_path: Path) -> None:
+    directory = _hub_layout(tiny_backbone, tmp_path / "hub")
+    assert json.loads((directory / "config.json").read_text())["architectures"] == [
+        "Qwen3VLForConditionalGeneration"]
+    module = BiEncoderModule(backbone={"name_or_path": str(directory), "min_pixels": TINY_PIXELS,
+                                       "max_pixels": TINY_PIXELS}).eval()
+    loaded = module.model.backbone.state_dict()
+    assert all(torch.equal(value, loaded[name]) for name, value in tiny_backbone.model.state_dict().items())
+    # Our collator and pooling on the loaded weights = Sentence Transformers on the directory.
+    reference = SentenceTransformer(str(directory), device="cpu")
+    with torch.no_grad():
+        queries = module.model(module.collator.encode_texts(TEXTS, module.prompts.query))
+        pages = module.model(module.collator.encode_pages(_pages(), module.prompts.document))
+    _assert_same_embeddings(queries, reference.encode_query(TEXTS, convert_to_tensor=True))
+    _assert_same_embeddings(pages, reference.encode_document(_pages(), convert_to_tensor=True))
+
+
+def test_fit_starts_from_the_hub_layout_and_from_an_export(tiny_backbone, tiny_synth: Path, exported: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = _hub_layout(tiny_backbone, tmp_path / "hub")
+    monkeypatch.chdir(tmp_path)
+    for source in (directory, exported):
+        assert main(["fit", *STACK, *data_args(tiny_synth), "--model.backbone.name_or_path", str(source),
+                     "--trainer.fast_dev_run", "true"]) == 0
+    # Continuing from an export starts from its trained weights, not from the base model.
+    continued = BiEncoderModule(backbone={"name_or_path": str(exported), "min_pixels": TINY_PIXELS,
+                                          "max_pixels": TINY_PIXELS})
+    reference = SentenceTransformer(str(exported), device="cpu")
+    with torch.no_grad():
+        queries = continued.model(continued.collator.encode_texts(TEXTS, continued.prompts.query))
+    _assert_same_embeddings(queries, reference.encode_query(TEXTS, convert_to_tensor=True))
+
+
+def test_sentence_transformers_models_with_other_pooling_or_prompts(tiny_backbone, tmp_path: Path) -> None:
+    mean = _hub_layout(tiny_backbone, tmp_path / "mean" / "model", pooling="mean")
+    with pytest.raises(ValueError, match="pooling 'mean' and a Normalize module; vdr trains"):
+        BiEncoderModule(backbone={"name_or_path": str(mean), "min_pixels": TINY_PIXELS, "max_pixels": TINY_PIXELS})
+    other = _hub_layout(tiny_backbone, tmp_path / "other" / "model",
+                        prompts={"query": "Find the page.", "document": HUB_PROMPTS["document"]})
+    with pytest.warns(UserWarning, match="trained with the query prompt 'Find the page.'"):
+        BiEncoderModule(backbone={"name_or_path": str(other), "min_pixels": TINY_PIXELS, "max_pixels": TINY_PIXELS})
