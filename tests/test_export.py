@@ -23,7 +23,7 @@ from vdr.data.schema import load_eval_set
 from vdr.data.sources import load_table
 from vdr.data.synth import render_page
 from vdr.evaluation.encoders import ModuleEncoder, SentenceTransformerEncoder, load_encoder
-from vdr.evaluation.run import evaluate
+from vdr.evaluation.run import evaluate, information_retrieval_evaluator
 from vdr.export.embedder import export_checkpoint, export_embedder
 from vdr.lit.biencoder import BiEncoderModule
 
@@ -238,14 +238,8 @@ def test_checkpoint_and_export_rank_identically(checkpoint: Path, exported: Path
 def test_information_retrieval_evaluator_agrees(exported: Path, checkpoint: Path, tiny_synth: Path) -> None:
     eval_set = load_eval_set(str(tiny_synth / "eval"), loader=load_table)
     ours = evaluate(load_encoder(str(checkpoint), "cpu"), eval_set, progress=False).metrics
-    rows = eval_set.corpus_rows()
-    evaluator = InformationRetrievalEvaluator(
-        queries=dict(zip(eval_set.query_ids, eval_set.query_texts)),
-        corpus={eval_set.corpus_ids[i]: rows[i].image for i in range(len(rows))},
-        relevant_docs={eval_set.query_ids[q]: {eval_set.corpus_ids[r] for r in relevant}
-                       for q, relevant in enumerate(eval_set.qrels)},
-        accuracy_at_k=[1], precision_recall_at_k=[1, 5, 10], write_csv=False,
-    )
+    evaluator = information_retrieval_evaluator(eval_set)
+    assert isinstance(evaluator, InformationRetrievalEvaluator)  # the library's own implementation
     theirs = evaluator(SentenceTransformer(str(exported), device="cpu"))
     prefix = "cosine_"
     assert theirs[f"{prefix}ndcg@10"] == pytest.approx(ours["ndcg@10"], abs=1e-4)

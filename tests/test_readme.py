@@ -12,9 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from sentence_transformers import SentenceTransformer
 
 from vdr.cli import main
+from vdr.data.schema import load_eval_set
+from vdr.data.sources import load_table
 from vdr.data.synth import SynthConfig, generate
+from vdr.evaluation.encoders import SentenceTransformerEncoder, load_encoder
+from vdr.evaluation.run import evaluate, information_retrieval_evaluator
 
 from .conftest import REPO, scalars
 
@@ -77,3 +83,18 @@ def test_full_demo_learns_to_read(tmp_path: Path) -> None:
     blank = float(re.search(r"ndcg@10 ([0-9.]+)", result.stdout + result.stderr).group(1))
     print(f"blanked pages: ndcg@10 {blank:.3f}")
     assert blank < 0.05 and blank < after / 3, (blank, after)
+
+    # The README's export command, then Sentence Transformers alone serves the model: its own evaluator reproduces
+    # the callback's NDCG@10, and the export ranks the eval corpus exactly as the checkpoint does.
+    last, export = run / "checkpoints" / "last.ckpt", tmp_path / "demo-export"
+    subprocess.run([sys.executable, "-m", "vdr", "export", "--ckpt_path", str(last), "--output", str(export)],
+                   cwd=tmp_path, check=True)
+    eval_set = load_eval_set(str(tmp_path / "checkpoints" / "data" / "synth-128" / "eval"), loader=load_table)
+    served = SentenceTransformer(str(export), device="cpu")
+    theirs = information_retrieval_evaluator(eval_set, batch_size=100)(served)["cosine_ndcg@10"]
+    from_export = evaluate(SentenceTransformerEncoder(served), eval_set, batch_size=100, progress=False)
+    from_checkpoint = evaluate(load_encoder(str(last), "cpu"), eval_set, batch_size=100, progress=False)
+    print(f"export: InformationRetrievalEvaluator ndcg@10 {theirs:.4f}, callback {after:.4f}, vdr evaluate "
+          f"{from_export.metrics['ndcg@10']:.4f}")
+    assert abs(theirs - after) < 1e-4, (theirs, after)
+    assert torch.equal(from_export.ranked[:, :10], from_checkpoint.ranked[:, :10])

@@ -116,3 +116,26 @@ def evaluate_command(
     if output is not None:
         _write_json(Path(output), report)
     return metrics
+
+
+def information_retrieval_evaluator(eval_set: EvalSet, **kwargs):
+    """Sentence Transformers' ``InformationRetrievalEvaluator`` over the same queries, pages and qrels.
+
+    For cross-checks and for users who evaluate inside a Sentence Transformers training loop. It holds every decoded
+    page in memory (unlike :func:`evaluate`, which streams the corpus) and treats every grade > 0 as relevant.
+
+    Args:
+        eval_set: Queries, corpus and qrels.
+        kwargs: Passed to the evaluator (e.g. ``batch_size``, ``show_progress_bar``).
+    """
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    rows = eval_set.corpus_rows()
+    kwargs = {"accuracy_at_k": [1], "precision_recall_at_k": [1, 5, 10], "write_csv": False, **kwargs}
+    return InformationRetrievalEvaluator(
+        queries=dict(zip(eval_set.query_ids, eval_set.query_texts)),
+        corpus={eval_set.corpus_ids[i]: rows[i].image for i in range(len(rows))},
+        relevant_docs={eval_set.query_ids[q]: {eval_set.corpus_ids[r] for r in relevant}
+                       for q, relevant in enumerate(eval_set.qrels) if relevant},
+        **kwargs,
+    )
