@@ -42,6 +42,18 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return values
 
 
+def fit_tiny(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Path:
+    """``vdr fit`` on the tiny stack inside ``root`` for ``steps`` steps, validating at the end; the run directory."""
+    from vdr.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        main(["fit", *STACK, *data_args(synth), "--trainer.logger.init_args.name", name,
+              "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+              "--trainer.check_val_every_n_epoch", "null", *flags])
+    return root / "checkpoints" / name / "version_0"
+
+
 TINY_SYNTH = SynthConfig(seed=1, image_size=64, num_train_pages=48, num_negatives=1, num_eval_queries=12,
                          distractors_per_query=2)
 

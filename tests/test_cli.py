@@ -12,7 +12,7 @@ import torch
 from vdr.cli import main
 from vdr.data.errors import DataError
 
-from .conftest import REPO, STACK, data_args, scalars
+from .conftest import REPO, STACK, data_args, fit_tiny, scalars
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -34,13 +34,8 @@ def test_fit_bf16_mixed(tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.fixture(scope="module")
 def fitted_run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-step run with a validation before training and at the end, in its own checkpoints/ folder."""
-    root = tmp_path_factory.mktemp("run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        main(["fit", *STACK, *data_args(tiny_synth), "--trainer.logger.init_args.name", "cli",
-              "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
-              "--trainer.check_val_every_n_epoch", "null", "--validate_before_fit", "true"])
-    return root / "checkpoints" / "cli" / "version_0"
+    return fit_tiny(tmp_path_factory.mktemp("run"), tiny_synth, "cli", 4, "--trainer.log_every_n_steps", "1",
+                    "--validate_before_fit", "true")
 
 
 def test_fit_writes_config_events_and_checkpoints(fitted_run: Path) -> None:

@@ -27,7 +27,7 @@ from vdr.evaluation.run import evaluate, information_retrieval_evaluator
 from vdr.export.embedder import export_checkpoint, export_embedder
 from vdr.lit.biencoder import BiEncoderModule
 
-from .conftest import REPO, STACK, TINY_PIXELS, data_args, scalars
+from .conftest import REPO, STACK, TINY_PIXELS, data_args, fit_tiny, scalars
 
 TEXTS = ["what was Acme revenue in 2019", "Borvex debt 2021", "staff of Calyra for 2016"]
 
@@ -35,13 +35,7 @@ TEXTS = ["what was Acme revenue in 2019", "Borvex debt 2021", "staff of Calyra f
 @pytest.fixture(scope="module")
 def run(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 6-step tiny run validated at its end: last.ckpt holds exactly the weights of the logged metrics."""
-    root = tmp_path_factory.mktemp("export-run")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        main(["fit", *STACK, *data_args(tiny_synth), "--trainer.logger.init_args.name", "run",
-              "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-              "--trainer.check_val_every_n_epoch", "null"])
-    return root / "checkpoints" / "run" / "version_0"
+    return fit_tiny(tmp_path_factory.mktemp("export-run"), tiny_synth, "run", 6)
 
 
 @pytest.fixture(scope="module")
