@@ -54,6 +54,29 @@ def fit_tiny(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Pat
     return root / "checkpoints" / name / "version_0"
 
 
+def embed_eval_set(encoder, eval_set, batch_size: int = 64) -> torch.Tensor:
+    """``[Q, N]`` cosine scores of every eval query against every corpus page (small eval sets only)."""
+    queries = torch.cat([encoder.queries(eval_set.query_texts[i : i + batch_size])
+                         for i in range(0, len(eval_set.query_texts), batch_size)])
+    rows = eval_set.corpus_rows()
+    pages = torch.cat([encoder.pages([rows[j].image for j in range(i, min(i + batch_size, len(rows)))])
+                       for i in range(0, len(rows), batch_size)])
+    return queries @ pages.T
+
+
+def assert_same_ranking(scores: torch.Tensor, other: torch.Tensor, k: int = 10, tol: float = 1e-5) -> None:
+    """Two routes score alike (within ``tol``) and rank the same top ``k``, except inside ties closer than ``tol``."""
+    assert scores.shape == other.shape
+    assert (scores - other).abs().max() < tol, (scores - other).abs().max()
+    top, top_other = scores.topk(k + 1).indices, other.topk(k + 1).indices
+    gaps = scores.gather(1, top).diff(dim=1).abs()  # [Q, k]: between ranks r and r + 1
+    for query in range(scores.shape[0]):
+        for rank in range(k):
+            near_tie = gaps[query, rank] < 2 * tol or (rank > 0 and gaps[query, rank - 1] < 2 * tol)
+            if not near_tie:
+                assert top[query, rank] == top_other[query, rank], (query, rank)
+
+
 TINY_SYNTH = SynthConfig(seed=1, image_size=64, num_train_pages=48, num_negatives=1, num_eval_queries=12,
                          distractors_per_query=2)
 

@@ -27,7 +27,7 @@ from vdr.evaluation.run import evaluate, information_retrieval_evaluator
 from vdr.export.embedder import export_checkpoint, export_embedder
 from vdr.lit.biencoder import BiEncoderModule
 
-from .conftest import REPO, STACK, TINY_PIXELS, data_args, fit_tiny, scalars
+from .conftest import REPO, STACK, TINY_PIXELS, assert_same_ranking, data_args, embed_eval_set, fit_tiny, scalars
 
 TEXTS = ["what was Acme revenue in 2019", "Borvex debt 2021", "staff of Calyra for 2016"]
 
@@ -222,7 +222,7 @@ def test_checkpoint_and_export_rank_identically(checkpoint: Path, exported: Path
     assert isinstance(ours, ModuleEncoder) and isinstance(theirs, SentenceTransformerEncoder)
     from_checkpoint = evaluate(ours, eval_set, batch_size=7, progress=False)
     from_export = evaluate(theirs, eval_set, batch_size=5, progress=False)
-    assert torch.equal(from_checkpoint.ranked, from_export.ranked)
+    assert_same_ranking(embed_eval_set(ours, eval_set), embed_eval_set(theirs, eval_set))
     for name, value in from_checkpoint.metrics.items():
         assert from_export.metrics[name] == pytest.approx(value, abs=1e-6), name
     # ... and both equal what the training callback logged for these weights.
@@ -362,3 +362,38 @@ def test_sentence_transformers_models_with_other_pooling_or_prompts(tiny_backbon
                         prompts={"query": "Find the page.", "document": HUB_PROMPTS["document"]})
     with pytest.warns(UserWarning, match="trained with the query prompt 'Find the page.'"):
         BiEncoderModule(backbone={"name_or_path": str(other), "min_pixels": TINY_PIXELS, "max_pixels": TINY_PIXELS})
+
+
+def test_same_ranking_check_can_fail() -> None:
+    scores = torch.tensor([[0.9, 0.5, 0.1, 0.3, 0.7, 0.2]])
+    assert_same_ranking(scores, scores + 1e-7, k=4)  # noise far below the gaps: same ranking
+    tied = scores.clone()
+    tied[0, 1] = 0.7 + 5e-6  # within tol of page 4: their order may flip
+    assert_same_ranking(tied, torch.where(tied == 0.7, tied + 1e-5, tied), k=4, tol=2e-5)
+    swapped = scores.clone()
+    swapped[0, [0, 4]] = swapped[0, [4, 0]]
+    with pytest.raises(AssertionError):
+        assert_same_ranking(scores, swapped, k=4)
+
+
+def test_hub_repositories_are_read_like_directories(exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id goes through hf_hub_download for the small JSON files only (here served from a local export)."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from vdr.evaluation.encoders import is_sentence_transformers_model
+    from vdr.models.st_format import hub_layout, local_layout
+
+    fetched: list[str] = []
+
+    def download(repo_id: str, filename: str, **kwargs) -> str:
+        fetched.append(filename)
+        path = exported / filename if repo_id == "org/exported" else Path("/nonexistent")
+        if not path.is_file():
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert hub_layout("org/exported") == local_layout(exported)
+    assert set(fetched) == {"modules.json", "config_sentence_transformers.json", "1_Pooling/config.json"}
+    assert is_sentence_transformers_model("org/exported") and not is_sentence_transformers_model("org/plain")

@@ -141,7 +141,8 @@ class BiEncoderModule(L.LightningModule):
         """
         if not isinstance(checkpoint, dict):
             checkpoint = read_checkpoint(checkpoint, CHECKPOINT_KIND)
-        module = cls(**{**checkpoint["hyper_parameters"], **overrides})
+        saved = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # Lightning's own
+        module = cls(**{**saved, **overrides})
         weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         module.model.load_state_dict(weights, strict=True)
         return module.eval()
