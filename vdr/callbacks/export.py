@@ -24,7 +24,6 @@ class ExportBest(L.Callback):
     def __init__(self, output: str | None = None, truncate_dim: int | None = None, dtype: str | None = None,
                  overwrite: bool = False) -> None:
         self.output, self.truncate_dim, self.dtype, self.overwrite = output, truncate_dim, dtype, overwrite
-        self.exported: str | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpointing = trainer.checkpoint_callback
@@ -39,5 +38,4 @@ class ExportBest(L.Callback):
             export_checkpoint(path, output, overwrite=self.overwrite, truncate_dim=self.truncate_dim,
                               dtype=self.dtype)
             rank_zero_info(f"exported {path} -> {output}")
-        self.exported = output
         trainer.strategy.barrier("vdr-export")

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 
 from vdr.data.collator import EmbeddingCollator
@@ -25,8 +26,6 @@ from vdr.models.prompts import EmbeddingPrompts
 
 class Encoder(Protocol):
     """Embeds a batch of query texts or of page images as ``[N, D]`` unit vectors (float32)."""
-
-    name: str
 
     def queries(self, texts: list[str]) -> torch.Tensor: ...
 
@@ -40,33 +39,29 @@ class ModuleEncoder:
         model: The bi-encoder.
         collator: Renders and tokenizes inputs (its prompts are the query and document instructions).
         device: Where to run.
-        name: For logs and reports.
     """
 
-    def __init__(self, model: BiEncoder, collator: EmbeddingCollator, device: str | torch.device = "cpu",
-                 name: str = "model") -> None:
+    def __init__(self, model: BiEncoder, collator: EmbeddingCollator, device: str | torch.device = "cpu") -> None:
         self.model = model.to(device).eval()
         self.collator = collator
         self.device = torch.device(device)
-        self.name = name
 
     @torch.inference_mode()
     def queries(self, texts: list[str]) -> torch.Tensor:
         inputs = self.collator.encode_texts(texts, self.collator.prompts.query)
-        return self.model(inputs.to(self.device)).cpu()  # [N, D]
+        return self.model(move_data_to_device(inputs, self.device)).cpu()  # [N, D]
 
     @torch.inference_mode()
     def pages(self, images: list[Image.Image]) -> torch.Tensor:
         inputs = self.collator.encode_pages(images, self.collator.prompts.document)
-        return self.model(inputs.to(self.device)).cpu()  # [N, D]
+        return self.model(move_data_to_device(inputs, self.device)).cpu()  # [N, D]
 
 
 class SentenceTransformerEncoder:
     """A ``SentenceTransformer``: queries through ``encode_query``, pages through ``encode_document``."""
 
-    def __init__(self, model, name: str = "model") -> None:
+    def __init__(self, model) -> None:
         self.model = model
-        self.name = name
 
     def _encode(self, method, values: list) -> torch.Tensor:
         embeddings = method(values, batch_size=len(values), convert_to_tensor=True, show_progress_bar=False)
@@ -85,11 +80,9 @@ def default_device() -> str:
 
 def is_sentence_transformers_model(name_or_path: str) -> bool:
     """Whether a directory or hub repository holds a Sentence Transformers pipeline (``modules.json``)."""
-    if os.path.isdir(name_or_path):
-        return os.path.isfile(os.path.join(name_or_path, "modules.json"))
-    from vdr.models.st_format import hub_layout
+    from vdr.models.st_format import embedder_layout
 
-    return hub_layout(name_or_path) is not None
+    return embedder_layout(name_or_path) is not None
 
 
 def load_encoder(model: str, device: str | None = None) -> Encoder:
@@ -104,15 +97,15 @@ def load_encoder(model: str, device: str | None = None) -> Encoder:
         from vdr.lit.biencoder import BiEncoderModule
 
         module = BiEncoderModule.from_checkpoint(model)
-        return ModuleEncoder(module.model, module.collator, device, name=model)
+        return ModuleEncoder(module.model, module.collator, device)
     if not os.path.isdir(model) and "/" not in model:
         raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")
     if is_sentence_transformers_model(model):
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformerEncoder(SentenceTransformer(model, device=device), name=model)
+        return SentenceTransformerEncoder(SentenceTransformer(model, device=device))
     from vdr.models.backbone import load_backbone
 
     backbone = load_backbone(model, min_pixels=None, max_pixels=None)
     collator = EmbeddingCollator(backbone.processor, EmbeddingPrompts())
-    return ModuleEncoder(BiEncoder(backbone.model), collator, device, name=model)
+    return ModuleEncoder(BiEncoder(backbone.model), collator, device)

@@ -27,11 +27,10 @@ from vdr.evaluation.topk import RunningTopK
 
 @dataclass
 class EvalResult:
-    """Metrics and the kept ranking (``[Q, k]`` corpus rows and scores, best first)."""
+    """Metrics and the kept ranking (``[Q, k]`` corpus rows, best first)."""
 
     metrics: dict[str, float]
     ranked: torch.Tensor
-    scores: torch.Tensor
 
 
 def _batches(dataset, batch_size: int, num_workers: int) -> DataLoader:
@@ -62,9 +61,9 @@ def evaluate(encoder: Encoder, eval_set: EvalSet, *, batch_size: int = 32, k: in
                          disable=not progress):
         rows = torch.tensor([e.index for e in examples])
         topk.update(encoder.pages([e.image for e in examples]), rows)
-    scores, ranked = topk.result()
+    _, ranked = topk.result()
     metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(corpus))
-    return EvalResult(metrics, ranked.cpu(), scores.cpu())
+    return EvalResult(metrics, ranked.cpu())
 
 
 def _check_output(output: Path | None) -> None:

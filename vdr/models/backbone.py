@@ -188,8 +188,7 @@ def load_backbone(
 
 def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int | None, dtype: torch.dtype,
                      attn: str):
-    local = os.path.isdir(name_or_path)
-    if not local and "/" not in name_or_path:
+    if not os.path.isdir(name_or_path) and "/" not in name_or_path:
         raise ValueError(
             f"unknown backbone {name_or_path!r}: expected a preset ({', '.join(PRESETS)}), a local directory, "
             "or a hub id such as 'Qwen/Qwen3-VL-Embedding-2B'"
@@ -197,9 +196,9 @@ def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int 
     from transformers import AutoProcessor
 
     from vdr.models.processor import EMBEDDING_CHAT_TEMPLATE
-    from vdr.models.st_format import check_last_token_embedder, hub_layout, local_layout
+    from vdr.models.st_format import check_last_token_embedder, embedder_layout
 
-    layout = local_layout(name_or_path) if local else hub_layout(name_or_path)
+    layout = embedder_layout(name_or_path)
     kwargs = {}
     if layout is not None:
         check_last_token_embedder(layout, name_or_path)

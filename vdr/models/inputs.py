@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -38,11 +38,6 @@ class EncoderInputs:
         patches = int(self.image_grid_thw[:images].prod(-1).sum())
         return EncoderInputs(self.input_ids[:n], self.attention_mask[:n], self.mm_token_type_ids[:n],
                              self.pixel_values[:patches], self.image_grid_thw[:images])
-
-    def to(self, device: torch.device | str) -> EncoderInputs:
-        """The same inputs on ``device`` (outside Lightning, which moves dataclasses itself)."""
-        return EncoderInputs(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device)
-                                for f in fields(self)})
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``Qwen3VLModel.forward``."""

@@ -165,6 +165,11 @@ def local_layout(directory: str | Path) -> EmbedderLayout | None:
     return read_embedder_layout({name: present(name) for name in layout_file_names(modules)}, str(root))
 
 
+def embedder_layout(name_or_path: str) -> EmbedderLayout | None:
+    """The layout of a local directory or, for anything else, of a hub repository (None: no ``modules.json``)."""
+    return local_layout(name_or_path) if os.path.isdir(name_or_path) else hub_layout(name_or_path)
+
+
 def hub_layout(repo_id: str) -> EmbedderLayout | None:
     """:func:`read_embedder_layout` for a hub repository (downloads only the small JSON files)."""
     from huggingface_hub import hf_hub_download
