@@ -9,10 +9,10 @@ import yaml
 from lightning import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
-from vdr.cli import VdrCLI
+from vdr.cli import DEFAULT_CLASSES, VdrCLI
 from vdr.config_includes import expand_includes
 from vdr.data.datamodule import RetrievalDataModule
-from vdr.lit.biencoder import BiEncoderModule
+from vdr.lit.base import VdrModule
 
 from .conftest import REPO
 
@@ -31,8 +31,9 @@ def _parser() -> LightningArgumentParser:
     parser.add_argument("--seed_everything", type=bool | int, default=True)
     parser.add_argument("--validate_before_fit", type=bool, default=False)
     parser.add_lightning_class_args(Trainer, "trainer")
-    parser.add_lightning_class_args(BiEncoderModule, "model")
-    parser.add_lightning_class_args(RetrievalDataModule, "data")
+    parser.add_lightning_class_args(VdrModule, "model", subclass_mode=True)
+    parser.add_lightning_class_args(RetrievalDataModule, "data", subclass_mode=True)
+    parser.set_defaults(DEFAULT_CLASSES)
     return parser
 
 
@@ -45,7 +46,7 @@ def test_every_config_parses(path: Path) -> None:
 
 
 def test_demo_config_instantiates_on_cpu() -> None:
-    cli = VdrCLI(BiEncoderModule, RetrievalDataModule, args=expand_includes(
+    cli = VdrCLI(args=expand_includes(
         ["--config", str(REPO / "configs/demo.yaml"), "--model.backbone.name_or_path", "tiny"]), run=False,
         save_config_callback=None)
     assert cli.model.backbone_config.max_pixels == 128 * 128

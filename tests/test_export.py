@@ -24,7 +24,8 @@ from vdr.data.sources import load_table
 from vdr.data.synth import render_page
 from vdr.evaluation.encoders import ModuleEncoder, SentenceTransformerEncoder, load_encoder
 from vdr.evaluation.run import evaluate, information_retrieval_evaluator
-from vdr.export.embedder import export_checkpoint, export_embedder
+from vdr.export.command import export_checkpoint
+from vdr.export.embedder import export_embedder
 from vdr.lit.biencoder import BiEncoderModule
 
 from .conftest import REPO, STACK, TINY_PIXELS, assert_same_ranking, data_args, embed_eval_set, fit_tiny, scalars
@@ -197,16 +198,16 @@ def test_wrong_checkpoints_get_clear_errors(tmp_path: Path, capsys: pytest.Captu
     torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
     with pytest.raises(ValueError, match="is not a vdr checkpoint"):
         export_checkpoint(foreign, tmp_path / "a")
-    reranker = tmp_path / "reranker.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {}, "vdr": {"kind": "reranker", "format": 1}}, reranker)
-    with pytest.raises(ValueError, match="is a vdr 'reranker' checkpoint; vdr export supports: 'biencoder'"):
-        export_checkpoint(reranker, tmp_path / "b")
+    unknown = tmp_path / "colbert.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "vdr": {"kind": "colbert", "format": 1}}, unknown)
+    with pytest.raises(ValueError, match="is a vdr 'colbert' checkpoint; vdr export supports: biencoder, reranker"):
+        export_checkpoint(unknown, tmp_path / "b")
     (tmp_path / "text.ckpt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         export_checkpoint(tmp_path / "text.ckpt", tmp_path / "c")
     assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "d")]) == 2
     assert "missing.ckpt does not exist" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.ckpt", "reranker.ckpt", "text.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colbert.ckpt", "foreign.ckpt", "text.ckpt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

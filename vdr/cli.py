@@ -3,6 +3,10 @@
 
 Configs compose: ``vdr fit --config configs/trainer/cpu.yaml --config configs/model/demo.yaml ...``; later files
 and flags override earlier ones. ``main(argv)`` is what the console script and the tests call.
+
+The model and data classes are chosen by the config: ``model`` and ``data`` default to the bi-encoder and its data
+module, so their fragments hold only arguments; a reranker config names ``class_path: vdr.lit.reranker.RerankerModule``
+and ``vdr.data.datamodule.RerankDataModule``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 from vdr.config_includes import expand_includes  # noqa: E402
 from vdr.data.datamodule import RetrievalDataModule  # noqa: E402
 from vdr.data.errors import DataError  # noqa: E402
-from vdr.lit.biencoder import BiEncoderModule  # noqa: E402
+from vdr.lit.base import VdrModule  # noqa: E402
+
+DEFAULT_CLASSES = {"model": {"class_path": "vdr.lit.biencoder.BiEncoderModule"},
+                   "data": {"class_path": "vdr.data.datamodule.RetrievalDataModule"}}
 
 
 class VdrCLI(LightningCLI):
     """LightningCLI with a validation pass before training (the "before" point of a learning curve)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(VdrModule, RetrievalDataModule, *args, subclass_mode_model=True, subclass_mode_data=True,
+                         **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(DEFAULT_CLASSES)
         parser.add_argument(
             "--validate_before_fit", type=bool, default=False,
             help="Run one validation before the first training step (logged at step 0).",
@@ -86,20 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     if words and words[0] == "data":
         return _data_main(words[1:])
     if words and words[0] == "export":
-        from vdr.export.embedder import export_command
+        from vdr.export.command import export_command
 
         return _tool_main(export_command, words[1:])
     if words and words[0] == "evaluate":
         from vdr.evaluation.run import evaluate_command
 
         return _tool_main(evaluate_command, words[1:])
-    VdrCLI(
-        BiEncoderModule,
-        RetrievalDataModule,
-        args=expand_includes(words),
-        subclass_mode_model=False,
-        save_config_kwargs={"overwrite": False},
-    )
+    VdrCLI(args=expand_includes(words), save_config_kwargs={"overwrite": False})
     return 0
 
 

@@ -33,7 +33,7 @@ class ExportBest(L.Callback):
             return
         output = self.output or os.path.join(trainer.log_dir or trainer.default_root_dir, "export")
         if trainer.is_global_zero:
-            from vdr.export.embedder import export_checkpoint
+            from vdr.export.command import export_checkpoint
 
             export_checkpoint(path, output, overwrite=self.overwrite, truncate_dim=self.truncate_dim,
                               dtype=self.dtype)

@@ -39,7 +39,67 @@ class EncodeBatch:
     index: torch.Tensor  # [B] int64
 
 
-class EmbeddingCollator:
+class ChatCollator:
+    """Chat rendering and tokenization shared by the embedding and reranker collators.
+
+    Args:
+        processor: A Qwen3-VL processor (its tokenizer renders chats; its image processor sizes pages).
+        max_text_tokens: Longest text, in tokens, before the chat template is added.
+        chat_template: Template to render with (default: the tokenizer's own).
+    """
+
+    def __init__(self, processor, max_text_tokens: int = 256, chat_template: str | None = None) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.max_text_tokens = max_text_tokens
+        self.chat_template = chat_template
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.merge_area = self.image_processor.merge_size**2
+
+    def render(self, chat: list[dict]) -> str:
+        """The exact string the model reads (before image-token expansion)."""
+        return self.tokenizer.apply_chat_template(chat, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def _shorten(self, text: str | None) -> str | None:
+        if text is None:
+            return None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
+
+    def _tokenize(self, rendered: list[str], images: list[Image.Image]) -> EncoderInputs:
+        """Tokenizes rendered chats whose image placeholders take ``images`` in order, and pads them on the right."""
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        pixel_values = grid = None
+        tokens_per_image: list[int] = []
+        if images:
+            vision = self.image_processor(images=images, return_tensors="pt")
+            pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]  # [P, 1536], [I, 3]
+            tokens_per_image = (grid.prod(-1) // self.merge_area).tolist()
+        expanded, next_image = [], 0
+        for sequence in ids:
+            out: list[int] = []
+            for token in sequence:
+                if token == self.image_token_id:
+                    out.extend([token] * tokens_per_image[next_image])
+                    next_image += 1
+                else:
+                    out.append(token)
+            expanded.append(out)
+        if next_image != len(tokens_per_image):
+            raise ValueError(f"{len(tokens_per_image)} images for {next_image} image placeholders")
+        length = max(len(s) for s in expanded)
+        input_ids = torch.full((len(expanded), length), self.tokenizer.pad_token_id, dtype=torch.int64)
+        attention_mask = torch.zeros((len(expanded), length), dtype=torch.int64)
+        for row, sequence in enumerate(expanded):
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
+        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)
+
+
+class EmbeddingCollator(ChatCollator):
     """Turns examples into padded Qwen3-VL inputs rendered with the embedding chat template.
 
     Args:
@@ -49,13 +109,8 @@ class EmbeddingCollator:
     """
 
     def __init__(self, processor, prompts: EmbeddingPrompts | None = None, max_text_tokens: int = 256) -> None:
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
+        super().__init__(processor, max_text_tokens)
         self.prompts = prompts or EmbeddingPrompts()
-        self.max_text_tokens = max_text_tokens
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.merge_area = self.image_processor.merge_size**2
 
     def __call__(self, examples: list) -> RetrievalBatch | EncodeBatch:
         if isinstance(examples[0], TrainExample):
@@ -93,42 +148,3 @@ class EmbeddingCollator:
         texts = texts or [None] * len(images)
         rendered = [self.render(messages(instruction, text=self._shorten(t), num_images=1)) for t in texts]
         return self._tokenize(rendered, images=images)
-
-    def render(self, chat: list[dict]) -> str:
-        """The exact string the model reads (before image-token expansion)."""
-        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-
-    def _shorten(self, text: str | None) -> str | None:
-        if text is None:
-            return None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
-
-    def _tokenize(self, rendered: list[str], images: list[Image.Image]) -> EncoderInputs:
-        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        pixel_values = grid = None
-        tokens_per_image: list[int] = []
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]  # [P, 1536], [I, 3]
-            tokens_per_image = (grid.prod(-1) // self.merge_area).tolist()
-        expanded, next_image = [], 0
-        for sequence in ids:
-            out: list[int] = []
-            for token in sequence:
-                if token == self.image_token_id:
-                    out.extend([token] * tokens_per_image[next_image])
-                    next_image += 1
-                else:
-                    out.append(token)
-            expanded.append(out)
-        if next_image != len(tokens_per_image):
-            raise ValueError(f"{len(tokens_per_image)} images for {next_image} image placeholders")
-        length = max(len(s) for s in expanded)
-        input_ids = torch.full((len(expanded), length), self.tokenizer.pad_token_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(expanded), length), dtype=torch.int64)
-        for row, sequence in enumerate(expanded):
-            input_ids[row, : len(sequence)] = torch.tensor(sequence)
-            attention_mask[row, : len(sequence)] = 1
-        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
-        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)

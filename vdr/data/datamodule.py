@@ -14,9 +14,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from vdr.data.schema import EvalSet, TrainRows, load_eval_set
+from vdr.data.schema import EvalSet, PairRows, TrainRows, load_eval_set
 from vdr.data.sources import load_table
 from vdr.data.synth import SynthConfig, generate
+from vdr.evaluation.candidates import (
+    Candidates,
+    retriever_candidates,
+    run_file_candidates,
+    sampled_candidates,
+)
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -80,11 +86,13 @@ class RetrievalDataModule(L.LightningDataModule):
             if self.train_source is None:
                 raise ValueError("fit needs a training table (data.train)")
             root = self.train_source if os.path.isdir(self.train_source) else None
-            self.train_rows = TrainRows(load_table(self.train_source), self.train_source,
-                                        num_negatives=self.num_negatives, root=root,
-                                        verify_images=self.verify_images)
+            self.train_rows = self._train_rows(load_table(self.train_source), root)
         if self.eval_source is not None and self.eval_set is None:
             self.eval_set = load_eval_set(self.eval_source, loader=load_table, verify_images=self.verify_images)
+
+    def _train_rows(self, table, root: str | None) -> torch.utils.data.Dataset:
+        return TrainRows(table, self.train_source, num_negatives=self.num_negatives, root=root,
+                         verify_images=self.verify_images)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -109,3 +117,82 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
+
+
+class RerankDataModule(RetrievalDataModule):
+    """Training groups or labeled pairs for a reranker, and eval candidate lists to rerank.
+
+    Training data: the bi-encoder's schema (``query``, ``image``, ``negative_i``; each row a group with its positive
+    first), or labeled pairs (``query``, ``image``, ``label``) with ``labeled_pairs``. Evaluation reranks each eval
+    query's candidates, taken from ``candidates`` (a first-stage run file), else from ``retriever``'s top-k, else
+    sampled (the query's relevant pages plus random corpus pages).
+
+    Args:
+        train: Training table (see ``RetrievalDataModule``).
+        eval: Eval set with queries/, corpus/ and qrels/.
+        num_negatives: Hard-negative columns per group (negative_0 ..).
+        batch_size: Groups (or pairs) per step per device.
+        eval_batch_size: Pairs scored per eval step.
+        num_workers: DataLoader worker processes.
+        verify_images: Check every image header at setup.
+        synthetic: Generate and use the synthetic VDR data (see ``RetrievalDataModule``).
+        synthetic_dir: Where the synthetic data lives.
+        seed: Seed of the training shuffle and of sampled candidates.
+        labeled_pairs: The training table holds labeled pairs (query, image, label), one pair per example.
+        teacher_column: Column of teacher scores per row (positive first, then each negative), for distillation.
+        candidates: A first-stage run file (TREC run or JSON ``{qid: {docid: score}}``) giving each eval query's
+            candidates.
+        retriever: A bi-encoder (checkpoint, export or hub id) whose top-k over the eval corpus are the candidates,
+            computed once at setup.
+        num_candidates: Candidates per eval query (the depth read from a run file or a retriever).
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        eval: str | None = None,
+        num_negatives: int = 1,
+        batch_size: int = 8,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        verify_images: bool = True,
+        synthetic: SynthConfig | None = None,
+        synthetic_dir: str = "checkpoints/data/synth",
+        seed: int = 0,
+        labeled_pairs: bool = False,
+        teacher_column: str | None = None,
+        candidates: str | None = None,
+        retriever: str | None = None,
+        num_candidates: int = 20,
+    ) -> None:
+        super().__init__(train, eval, num_negatives, batch_size, eval_batch_size, num_workers, verify_images,
+                         synthetic, synthetic_dir, seed)
+        if labeled_pairs and teacher_column:
+            raise ValueError("teacher scores are read per group; labeled pairs carry a label instead")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        self.labeled_pairs, self.teacher_column = labeled_pairs, teacher_column
+        self.candidates_source, self.retriever, self.num_candidates = candidates, retriever, num_candidates
+        self.candidates: Candidates | None = None
+
+    def _train_rows(self, table, root: str | None) -> torch.utils.data.Dataset:
+        if self.labeled_pairs:
+            return PairRows(table, self.train_source, root=root, verify_images=self.verify_images)
+        return TrainRows(table, self.train_source, num_negatives=self.num_negatives, root=root,
+                         verify_images=self.verify_images, teacher_column=self.teacher_column)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.eval_set is not None and self.candidates is None:
+            if self.candidates_source:
+                self.candidates = run_file_candidates(self.candidates_source, self.eval_set, self.num_candidates)
+            elif self.retriever:
+                self.candidates = retriever_candidates(self.retriever, self.eval_set, self.num_candidates)
+            else:
+                self.candidates = sampled_candidates(self.eval_set, self.num_candidates, self.seed)
+            rank_zero_info(f"reranking {self.candidates.num_pairs} candidate pairs: {self.candidates.source}")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.candidates is None:
+            return []
+        return [self._loader(self.candidates.pairs(self.eval_set), self.eval_batch_size, shuffle=False)]

@@ -1,7 +1,9 @@
 """The two data schemas, validated up front, as torch datasets of decoded examples.
 
 Training rows (the reference VDR recipe): ``query`` (text), ``image`` (the positive page) and
-``negative_0 .. negative_{k-1}`` (hard-negative pages). Image columns hold ``datasets.Image`` values or file paths.
+``negative_0 .. negative_{k-1}`` (hard-negative pages); for reranker distillation, optionally a column of teacher
+scores (a list per row: the positive's, then each negative's). Image columns hold ``datasets.Image`` values or file
+paths. Rerankers also train on labeled pairs: ``query``, ``image`` and ``label`` (relevance in [0, 1]).
 
 Evaluation sets are three tables: ``queries`` (``id``, ``text``), ``corpus`` (``id``, ``image``) and ``qrels``
 (``query_id``, ``corpus_id``, ``score``: an integer relevance grade, > 0 relevant).
@@ -32,6 +34,27 @@ class TrainExample:
     query: str
     pages: list[Image.Image]
     page_keys: list[int]  # content hashes, aligned with ``pages``
+    teacher: list[float] | None = None  # teacher scores, aligned with ``pages`` (reranker distillation)
+
+
+@dataclass
+class PairExample:
+    """One labeled (query, page) pair, decoded."""
+
+    row: int
+    query: str
+    page: Image.Image
+    page_key: int
+    label: float
+
+
+@dataclass
+class ScorePair:
+    """One (query, candidate page) pair for a reranker to score, with its position in the flattened candidate lists."""
+
+    index: int
+    query: str
+    image: Image.Image
 
 
 @dataclass
@@ -69,6 +92,32 @@ def _check_texts(values: list, name: str, column: str) -> None:
             raise DataError(name, "empty text", row=row, column=column)
 
 
+def _check_present(table: datasets.Dataset, name: str, column: str, what: str) -> None:
+    """Refuses rows whose image value is missing (None, or an image feature with neither bytes nor path)."""
+    for row, value in enumerate(table[column]):
+        empty_feature = isinstance(value, dict) and not value.get("bytes") and not value.get("path")
+        if value is None or value == "" or empty_feature:
+            raise DataError(name, f"{what}: the value is empty", row=row, column=column)
+
+
+def _check_teacher(values: list, name: str, column: str, needed: int) -> list[list[float]]:
+    """Teacher scores: a list of at least ``needed`` finite numbers per row (positive first, then the negatives)."""
+    out = []
+    for row, scores in enumerate(values):
+        if not isinstance(scores, list | tuple):
+            raise DataError(name, f"expected a list of {needed} teacher scores (positive, then each negative), got "
+                            f"{type(scores).__name__}", row=row, column=column)
+        if len(scores) < needed or any(s is None for s in scores[:needed]):
+            raise DataError(name, f"teacher scores missing: {needed} needed (positive, then each negative), got "
+                            f"{scores!r}", row=row, column=column)
+        scores = scores[:needed]
+        if any(isinstance(s, bool) or not isinstance(s, int | float) or s != s or abs(s) == float("inf")
+               for s in scores):
+            raise DataError(name, f"teacher scores must be finite numbers, got {scores!r}", row=row, column=column)
+        out.append([float(s) for s in scores])
+    return out
+
+
 def _verify_images(table: datasets.Dataset, name: str, columns: list[str], root: str | None) -> None:
     for column in columns:
         for row, value in enumerate(table[column]):
@@ -85,10 +134,11 @@ class TrainRows(torch.utils.data.Dataset):
         num_negatives: Hard-negative columns to use (``negative_0`` ..); the table may hold more.
         root: Directory that relative image paths are resolved against.
         verify_images: Check every image header up front (reads each file once; no pixel decoding for PNG).
+        teacher_column: A column of teacher scores to attach to each example (reranker distillation).
     """
 
     def __init__(self, table: datasets.Dataset, name: str, *, num_negatives: int = 0, root: str | None = None,
-                 verify_images: bool = True) -> None:
+                 verify_images: bool = True, teacher_column: str | None = None) -> None:
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
         self.name, self.root = name, root
@@ -97,13 +147,17 @@ class TrainRows(torch.utils.data.Dataset):
         if any(c not in table.column_names for c in self.image_columns[1:]):
             raise DataError(name, f"the config asks for {num_negatives} hard negatives (negative_0 .. "
                             f"negative_{num_negatives - 1}) but the table has {len(available)}: {available}")
-        _require_columns(table, name, ["query", "image"], "training")
+        _require_columns(table, name, ["query", "image", *([teacher_column] if teacher_column else [])], "training")
         if len(table) == 0:
             raise DataError(name, "has no rows")
         for column in self.image_columns:
             table = _image_column(table, name, column)
         self.table = table.select_columns(["query", *self.image_columns])
         _check_texts(self.table["query"], name, "query")
+        _check_present(self.table, name, "image", "the group has no positive page")
+        self.teacher = None
+        if teacher_column:
+            self.teacher = _check_teacher(table[teacher_column], name, teacher_column, len(self.image_columns))
         if verify_images:
             _verify_images(self.table, name, self.image_columns, root)
 
@@ -114,10 +168,51 @@ class TrainRows(torch.utils.data.Dataset):
         record = self.table[row]
         encoded = [self._read(record[c], row, c) for c in self.image_columns]
         pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
-        return TrainExample(row=row, query=record["query"], pages=pages, page_keys=[e.key for e in encoded])
+        teacher = self.teacher[row] if self.teacher is not None else None
+        return TrainExample(row=row, query=record["query"], pages=pages, page_keys=[e.key for e in encoded],
+                            teacher=teacher)
 
     def _read(self, value, row: int, column: str) -> EncodedImage:
         return read_encoded(value, dataset=self.name, row=row, column=column, root=self.root)
+
+
+class PairRows(torch.utils.data.Dataset):
+    """Labeled pairs for pointwise reranker training: ``query``, ``image`` and ``label`` (relevance in [0, 1]).
+
+    Args:
+        table: The loaded table.
+        name: How the user named it (used in error messages).
+        root: Directory that relative image paths are resolved against.
+        verify_images: Check every image header up front.
+    """
+
+    def __init__(self, table: datasets.Dataset, name: str, *, root: str | None = None,
+                 verify_images: bool = True) -> None:
+        self.name, self.root = name, root
+        _require_columns(table, name, ["query", "image", "label"], "labeled-pair")
+        if len(table) == 0:
+            raise DataError(name, "has no rows")
+        table = _image_column(table, name, "image")
+        self.table = table.select_columns(["query", "image"])
+        _check_texts(self.table["query"], name, "query")
+        _check_present(self.table, name, "image", "the pair has no page")
+        self.labels = []
+        for row, label in enumerate(table["label"]):
+            if isinstance(label, bool) or not isinstance(label, int | float) or not 0 <= label <= 1:
+                raise DataError(name, f"expected a relevance label in [0, 1] (1 relevant, 0 not), got {label!r}",
+                                row=row, column="label")
+            self.labels.append(float(label))
+        if verify_images:
+            _verify_images(self.table, name, ["image"], root)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int) -> PairExample:
+        record = self.table[row]
+        encoded = read_encoded(record["image"], dataset=self.name, row=row, column="image", root=self.root)
+        page = decode(encoded, dataset=self.name, row=row, column="image")
+        return PairExample(row=row, query=record["query"], page=page, page_key=encoded.key, label=self.labels[row])
 
 
 class EncodeRows(torch.utils.data.Dataset):

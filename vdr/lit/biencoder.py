@@ -6,64 +6,24 @@ steps only embed: the retrieval callback owns the corpus ranking and the metrics
 
 from __future__ import annotations
 
-import functools
-import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
-from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
-from vdr.lit.schedule import Decay, warmup_decay
+from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
+from vdr.lit.schedule import Decay
 from vdr.losses.contrastive import InfoNCELoss
 from vdr.models.backbone import load_backbone
 from vdr.models.biencoder import BiEncoder
 from vdr.models.prompts import EmbeddingPrompts
 
-
-@dataclass
-class BackboneConfig:
-    """Which Qwen3-VL to start from and how its pages are sized.
-
-    Args:
-        name_or_path: Preset (tiny, demo, 2b), hub id (Qwen/Qwen3-VL-Embedding-2B) or local directory.
-        min_pixels: Smallest page area after resizing.
-        max_pixels: Largest page area after resizing; one visual token per 32x32 px.
-        dtype: Parameter dtype; keep float32 master weights with bf16-mixed precision.
-        attn_implementation: sdpa, eager or flash_attention_2.
-        seed: Initialisation seed of presets.
-        image_mean: Pixel mean of presets (hub processors bring their own).
-        image_std: Pixel std of presets.
-        linear_patch_embed: Run the patch embedding as a matmul (same weights and outputs; the Conv3d is slow).
-        initializer_range: Std of the random initialisation of presets (default: the preset's own).
-        added_tokens: Whole words to tokenize as single tokens (domain vocabulary for from-scratch presets).
-    """
-
-    name_or_path: str = "tiny"
-    min_pixels: int = 128 * 128
-    max_pixels: int = 600 * 600
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
-    seed: int = 0
-    image_mean: float = 0.5
-    image_std: float = 0.5
-    linear_patch_embed: bool = True
-    initializer_range: float | None = None
-    added_tokens: list[str] = field(default_factory=list)
-
-
-def _default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
-
-
 CHECKPOINT_KIND = "biencoder"
 
 
-class BiEncoderModule(L.LightningModule):
+class BiEncoderModule(VdrModule):
     """Trains a Qwen3-VL bi-encoder with InfoNCE over in-batch and hard negatives.
 
     Args:
@@ -83,13 +43,15 @@ class BiEncoderModule(L.LightningModule):
             alike), which hard negatives slow down; a pretrained backbone wants 0.
     """
 
+    CHECKPOINT_KIND = CHECKPOINT_KIND
+
     def __init__(
         self,
         backbone: BackboneConfig | dict | None = None,
         prompts: EmbeddingPrompts | dict | None = None,
         max_text_tokens: int = 256,
         loss: InfoNCELoss | None = None,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         warmup_ratio: float = 0.1,
         decay: Decay = "linear",
         min_lr_ratio: float = 0.0,
@@ -120,35 +82,9 @@ class BiEncoderModule(L.LightningModule):
         self.processor = loaded.processor
         self.collator = EmbeddingCollator(self.processor, self.prompts, max_text_tokens)
         self.loss = loss or InfoNCELoss()
-        self.optimizer_factory = optimizer
-        self.warmup_ratio, self.decay, self.min_lr_ratio = warmup_ratio, decay, min_lr_ratio
+        self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
         self.hard_negatives_after_step = hard_negatives_after_step
-        if freeze_vision:
-            self.model.backbone.visual.requires_grad_(False)
-        if freeze_token_embeddings:
-            self.model.backbone.get_input_embeddings().requires_grad_(False)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> BiEncoderModule:
-        """Rebuilds the module of a ``vdr fit`` checkpoint on the CPU with its trained weights, outside Lightning.
-
-        Args:
-            checkpoint: A ``.ckpt`` path, or the dict :func:`vdr.lit.checkpoint.read_checkpoint` returned for one.
-            overrides: Replace saved hyperparameters (e.g. ``backbone`` to load the base from elsewhere).
-
-        Only the model's weights are restored (strictly); optimizer, loss and loop state are not needed to embed or
-        export.
-        """
-        if not isinstance(checkpoint, dict):
-            checkpoint = read_checkpoint(checkpoint, CHECKPOINT_KIND)
-        saved = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # Lightning's own
-        module = cls(**{**saved, **overrides})
-        weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        module.model.load_state_dict(weights, strict=True)
-        return module.eval()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["vdr"] = checkpoint_marker(CHECKPOINT_KIND)
+        self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""
@@ -172,14 +108,3 @@ class BiEncoderModule(L.LightningModule):
 
     def test_step(self, batch: EncodeBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self.model(batch.inputs)
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(self.warmup_ratio * total)
-        schedule = functools.partial(
-            warmup_decay, total_steps=total, warmup_steps=warmup, decay=self.decay, min_ratio=self.min_lr_ratio
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from transformers import Qwen3VLConfig, Qwen3VLModel
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
 
 from vdr.models.patch_embed import use_linear_patch_embed
 from vdr.models.processor import add_whole_word_tokens, build_processor, set_pixel_bounds
@@ -116,9 +116,9 @@ PRESETS: dict[str, Preset] = {
 
 @dataclass
 class Backbone:
-    """A Qwen3-VL trunk (no LM head) and the processor that prepares its inputs."""
+    """A Qwen3-VL trunk (or, for rerankers, the trunk with its LM head) and the processor that prepares its inputs."""
 
-    model: Qwen3VLModel
+    model: Qwen3VLModel | Qwen3VLForConditionalGeneration
     processor: Any
     source: str
     # Query/document prompts saved with a Sentence Transformers model (empty otherwise): what it was trained with.
@@ -127,6 +127,11 @@ class Backbone:
     @property
     def hidden_size(self) -> int:
         return self.model.config.text_config.hidden_size
+
+    @property
+    def trunk(self) -> Qwen3VLModel:
+        """The ``Qwen3VLModel`` itself, with or without an LM head around it."""
+        return self.model.model if isinstance(self.model, Qwen3VLForConditionalGeneration) else self.model
 
 
 def load_backbone(
@@ -142,6 +147,7 @@ def load_backbone(
     linear_patch_embed: bool = True,
     initializer_range: float | None = None,
     added_tokens: list[str] | tuple[str, ...] = (),
+    lm_head: bool = False,
 ) -> Backbone:
     """Loads a Qwen3-VL backbone and its processor.
 
@@ -161,6 +167,9 @@ def load_backbone(
         initializer_range: Std of the random initialisation of presets (default: the preset's own).
         added_tokens: Whole words to add to the tokenizer as single tokens. They take ids after the released
             special tokens, inside the embedding table's spare rows (Qwen3-VL: 151,936 rows for 151,669 ids).
+        lm_head: Load ``Qwen3VLForConditionalGeneration`` (trunk + LM head, what a reranker scores with) instead of
+            the bare ``Qwen3VLModel``. A checkpoint without a head (an embedder) gets the head tied to its token
+            embeddings, as Qwen3-VL-2B ties them.
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     prompts: dict[str, str] = {}
@@ -174,20 +183,22 @@ def load_backbone(
         config._attn_implementation = attn_implementation
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Qwen3VLModel(config)
+            model = (Qwen3VLForConditionalGeneration if lm_head else Qwen3VLModel)(config)
         model.to(dtype)
         processor = build_processor(min_pixels, max_pixels, image_mean=image_mean, image_std=image_std)
     else:
-        model, processor, prompts = _from_pretrained(name_or_path, min_pixels, max_pixels, dtype, attn_implementation)
+        model, processor, prompts = _from_pretrained(name_or_path, min_pixels, max_pixels, dtype, attn_implementation,
+                                                     lm_head)
+    backbone = Backbone(model=model, processor=processor, source=name_or_path, prompts=prompts)
     if linear_patch_embed:
-        use_linear_patch_embed(model)
+        use_linear_patch_embed(backbone.trunk)
     if added_tokens:
         add_whole_word_tokens(processor.tokenizer, added_tokens, model.config.text_config.vocab_size)
-    return Backbone(model=model, processor=processor, source=name_or_path, prompts=prompts)
+    return backbone
 
 
 def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int | None, dtype: torch.dtype,
-                     attn: str):
+                     attn: str, lm_head: bool = False):
     if not os.path.isdir(name_or_path) and "/" not in name_or_path:
         raise ValueError(
             f"unknown backbone {name_or_path!r}: expected a preset ({', '.join(PRESETS)}), a local directory, "
@@ -201,11 +212,14 @@ def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int 
     layout = embedder_layout(name_or_path)
     kwargs = {}
     if layout is not None:
-        check_last_token_embedder(layout, name_or_path)
+        if not lm_head:  # a reranker reads the LM head's yes/no rows; pooling is an embedder's business
+            check_last_token_embedder(layout, name_or_path)
         if layout.transformer_path:
             kwargs["subfolder"] = layout.transformer_path
-    # A Qwen3VLForConditionalGeneration checkpoint loads too: from_pretrained drops its "model." prefix and LM head.
-    model = Qwen3VLModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn, **kwargs)
+    # A Qwen3VLForConditionalGeneration checkpoint loads as a trunk too: from_pretrained drops its "model." prefix and
+    # LM head.
+    model_class = Qwen3VLForConditionalGeneration if lm_head else Qwen3VLModel
+    model = model_class.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn, **kwargs)
     processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
     if min_pixels is not None or max_pixels is not None:
         size = processor.image_processor.size

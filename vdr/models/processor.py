@@ -13,6 +13,7 @@ The converted ``tokenizer.json`` is cached (keyed by the ranks' hash) because th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from importlib import resources
@@ -79,6 +80,53 @@ EMBEDDING_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+
+# Qwen3-VL-Reranker format (REFERENCE.md §3): a fixed system turn, then one user turn that holds the instruction, the
+# query and the document, then the generation prompt; the score is read at its last token ("\n" after "assistant").
+RERANKER_SYSTEM_PROMPT = (
+    'Judge whether the Document meets the requirements based on the Query and the Instruct provided. '
+    'Note that the answer can only be "yes" or "no".'
+)
+DEFAULT_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+
+_RENDER_CONTENT = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' or 'image' in item -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in item -%}{{- item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
+def reranker_chat_template(instruction: str = DEFAULT_RERANK_INSTRUCTION) -> str:
+    """The chat template of a reranker: renders a ``query`` and a ``document`` message in the official format.
+
+    Sentence Transformers' ``CrossEncoder`` turns a pair into messages with the roles ``query`` and ``document`` (a
+    prompt becomes a ``system`` message, which then replaces the instruction); our collator sends the same messages,
+    so training and serving render identical strings.
+
+    Args:
+        instruction: The ``<Instruct>`` text used when the messages carry no system message.
+    """
+    default = json.dumps(instruction)  # a valid Jinja string literal, whatever quotes the instruction holds
+    return (
+        _RENDER_CONTENT
+        + "{%- set ns = namespace(instruction=" + default + ", query='', document='') -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{%- set ns.instruction = render(message['content']) -%}"
+        "{%- elif message['role'] == 'query' -%}{%- set ns.query = render(message['content']) -%}"
+        "{%- elif message['role'] == 'document' -%}{%- set ns.document = render(message['content']) -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{{- '<|im_start|>system\\n" + RERANKER_SYSTEM_PROMPT.replace("'", "\\'") + "<|im_end|>\\n' -}}"
+        "{{- '<|im_start|>user\\n<Instruct>: ' + ns.instruction + '<Query>:' + ns.query + '\\n<Document>:' "
+        "+ ns.document + '<|im_end|>\\n' -}}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
 
 
 def _bpe_ranks_path() -> Path:

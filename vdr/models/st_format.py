@@ -1,4 +1,5 @@
-"""The Sentence Transformers directory format of a Qwen3-VL embedder (REFERENCE.md §4): what we write, what we read.
+"""The Sentence Transformers directory formats (REFERENCE.md §4): a Qwen3-VL embedder (written and read) and a
+Qwen3-VL reranker for ``CrossEncoder`` (written).
 
 An embedder directory holds the Hugging Face backbone and processor at its root, plus four small JSON files that
 tell ``SentenceTransformer(path)`` to run the backbone on chat-templated inputs, pool the last token and normalise.
@@ -18,6 +19,9 @@ from pathlib import Path
 TRANSFORMER_TYPE = "sentence_transformers.base.modules.transformer.Transformer"
 POOLING_TYPE = "sentence_transformers.sentence_transformer.modules.pooling.Pooling"
 NORMALIZE_TYPE = "sentence_transformers.base.modules.normalize.Normalize"
+LOGIT_SCORE_TYPE = "sentence_transformers.cross_encoder.modules.logit_score.LogitScore"
+# CrossEncoder activations by name: sigmoid gives the official probability, identity the raw log-odds.
+ACTIVATIONS = {"sigmoid": "torch.nn.modules.activation.Sigmoid", "identity": "torch.nn.modules.linear.Identity"}
 
 _FORWARD = {"method": "forward", "method_output_name": "last_hidden_state"}
 # Every modality goes through the backbone's forward and yields token states; "message" inputs are chat turns with
@@ -79,6 +83,47 @@ def write_embedder_config(
     if truncate_dim is not None:
         config["truncate_dim"] = truncate_dim
     _dump(root / "config_sentence_transformers.json", config)
+
+
+def write_cross_encoder_config(
+    directory: str | Path,
+    *,
+    true_token_id: int,
+    false_token_id: int,
+    activation: str = "sigmoid",
+) -> None:
+    """Writes the Sentence Transformers files of a Qwen3-VL reranker scored by yes/no logits (``CrossEncoder``).
+
+    The Transformer runs the causal model on chat-templated pairs and keeps the last position's logits
+    (``logits_to_keep=1``, left padding); ``LogitScore`` turns them into ``logit[true] - logit[false]``.
+
+    Args:
+        directory: Where the model (with its LM head) and processor (with the reranker chat template) are saved.
+        true_token_id: Token id of "yes".
+        false_token_id: Token id of "no".
+        activation: ``sigmoid`` (``predict`` returns the official probability) or ``identity`` (the log-odds).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    root = Path(directory)
+    logits = {"method": "forward", "method_output_name": "logits"}
+    _dump(root / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": TRANSFORMER_TYPE},
+        {"idx": 1, "name": "1", "path": "1_LogitScore", "type": LOGIT_SCORE_TYPE},
+    ])
+    _dump(root / "sentence_bert_config.json", {
+        "transformer_task": "any-to-any",
+        "modality_config": {"text": dict(logits), "image": dict(logits), "video": dict(logits),
+                            "message": {**logits, "format": "structured"}},
+        "module_output_name": "causal_logits",
+        # The score is read at the generation prompt's final "\n", as in training.
+        "processing_kwargs": {"chat_template": {"add_generation_prompt": True}},
+    })
+    _dump(root / "1_LogitScore" / "config.json", {"true_token_id": true_token_id, "false_token_id": false_token_id,
+                                                  "module_input_name": "causal_logits"})
+    _dump(root / "config_sentence_transformers.json", {"model_type": "CrossEncoder",
+                                                       "activation_fn": ACTIVATIONS[activation],
+                                                       "prompts": {}, "default_prompt_name": None})
 
 
 @dataclass(frozen=True)

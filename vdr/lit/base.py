@@ -1,0 +1,106 @@
+"""What every vdr LightningModule shares: the backbone config, freezing, optimizer + schedule, and checkpoint I/O.
+
+The bi-encoder and the reranker differ in their model, collator, loss and steps; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
+from vdr.lit.schedule import Decay, warmup_decay
+
+
+@dataclass
+class BackboneConfig:
+    """Which Qwen3-VL to start from and how its pages are sized.
+
+    Args:
+        name_or_path: Preset (tiny, demo, 2b), hub id (Qwen/Qwen3-VL-Embedding-2B) or local directory.
+        min_pixels: Smallest page area after resizing.
+        max_pixels: Largest page area after resizing; one visual token per 32x32 px.
+        dtype: Parameter dtype; keep float32 master weights with bf16-mixed precision.
+        attn_implementation: sdpa, eager or flash_attention_2.
+        seed: Initialisation seed of presets.
+        image_mean: Pixel mean of presets (hub processors bring their own).
+        image_std: Pixel std of presets.
+        linear_patch_embed: Run the patch embedding as a matmul (same weights and outputs; the Conv3d is slow).
+        initializer_range: Std of the random initialisation of presets (default: the preset's own).
+        added_tokens: Whole words to tokenize as single tokens (domain vocabulary for from-scratch presets).
+    """
+
+    name_or_path: str = "tiny"
+    min_pixels: int = 128 * 128
+    max_pixels: int = 600 * 600
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+    image_mean: float = 0.5
+    image_std: float = 0.5
+    linear_patch_embed: bool = True
+    initializer_range: float | None = None
+    added_tokens: list[str] = field(default_factory=list)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
+
+
+class VdrModule(L.LightningModule):
+    """Base of the vdr LightningModules. Subclasses set ``CHECKPOINT_KIND`` and build ``self.model``.
+
+    Subclasses call :meth:`_configure_training` from ``__init__`` with the optimizer and schedule arguments.
+    """
+
+    CHECKPOINT_KIND = ""
+
+    def _configure_training(self, optimizer, warmup_ratio: float, decay: Decay, min_lr_ratio: float) -> None:
+        self.optimizer_factory = optimizer
+        self.warmup_ratio, self.decay, self.min_lr_ratio = warmup_ratio, decay, min_lr_ratio
+
+    @staticmethod
+    def _freeze(trunk: torch.nn.Module, *, vision: bool, token_embeddings: bool) -> None:
+        """Freezes parts of a ``Qwen3VLModel`` trunk (with a tied LM head, freezing the embeddings freezes it too)."""
+        if vision:
+            trunk.visual.requires_grad_(False)
+        if token_embeddings:
+            trunk.get_input_embeddings().requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> VdrModule:
+        """Rebuilds the module of a ``vdr fit`` checkpoint on the CPU with its trained weights, outside Lightning.
+
+        Args:
+            checkpoint: A ``.ckpt`` path, or the dict :func:`vdr.lit.checkpoint.read_checkpoint` returned for one.
+            overrides: Replace saved hyperparameters (e.g. ``backbone`` to load the base from elsewhere).
+
+        Only the model's weights are restored (strictly); optimizer, loss and loop state are not needed to embed,
+        score or export.
+        """
+        if not isinstance(checkpoint, dict):
+            checkpoint = read_checkpoint(checkpoint, cls.CHECKPOINT_KIND)
+        saved = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # Lightning's own
+        module = cls(**{**saved, **overrides})
+        weights = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        module.model.load_state_dict(weights, strict=True)
+        return module.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["vdr"] = checkpoint_marker(self.CHECKPOINT_KIND)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(self.warmup_ratio * total)
+        schedule = functools.partial(
+            warmup_decay, total_steps=total, warmup_steps=warmup, decay=self.decay, min_ratio=self.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
