@@ -53,18 +53,38 @@ def test_demo_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert [step for step, _ in scalars(run)["val/ndcg@10"]] == [0, 1]
 
 
-@pytest.mark.slow
-def test_full_demo_learns_to_read(tmp_path: Path) -> None:
-    """The README's demo, exactly, then the same model on pages with the queried text blanked out."""
+def test_rerank_demo_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reranker demo's config with only its length and size turned down (same file, same code path).
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(REPO / "configs/rerank_demo.yaml"), "--model.backbone.name_or_path", "tiny",
+          "--data.synthetic.num_train_pages", "16", "--data.synthetic.num_eval_queries", "4",
+          "--data.synthetic.image_size", "64", "--data.batch_size", "8", "--data.num_candidates", "6",
+          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "checkpoints" / "rerank_demo" / "version_0"
+    assert (run / "config.yaml").exists()
+    assert [step for step, _ in scalars(run)["val/rerank_ndcg@10"]] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's demo command, exactly, in a fresh folder; that folder."""
+    root = tmp_path_factory.mktemp("demo")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vdr", "fit", "--config", str(REPO / "configs/demo.yaml"),
-                    "--trainer.enable_progress_bar", "false"], cwd=tmp_path, check=True)
-    seconds = time.perf_counter() - start
+                    "--trainer.enable_progress_bar", "false"], cwd=root, check=True)
+    print(f"demo: {time.perf_counter() - start:.0f} s")
+    return root
+
+
+@pytest.mark.slow
+def test_full_demo_learns_to_read(demo: Path) -> None:
+    """The README's demo, then the same model on pages with the queried text blanked out, then its export."""
+    tmp_path = demo
     run = tmp_path / "checkpoints" / "demo" / "version_0"
     logged = scalars(run)
     before, after = logged["val/ndcg@10"][0][1], logged["val/ndcg@10"][-1][1]
     recall_1 = logged["val/recall@1"][-1][1]
-    print(f"demo: {seconds:.0f} s, ndcg@10 {before:.3f} -> {after:.3f}, recall@1 {recall_1:.3f}")
+    print(f"demo: ndcg@10 {before:.3f} -> {after:.3f}, recall@1 {recall_1:.3f}")
     # The issue's target is 0.85 / 0.70 / +0.50; the demo does not reach it yet (README "Demo result",
     # docs/LOG.md). This guards what it does reach: a clear rise from a near-zero start.
     assert before < 0.05 and after - before >= 0.15, (before, after, recall_1)
@@ -95,3 +115,20 @@ def test_full_demo_learns_to_read(tmp_path: Path) -> None:
     assert abs(theirs - after) < 1e-4, (theirs, after)
     assert_same_ranking(embed_eval_set(SentenceTransformerEncoder(served), eval_set),
                         embed_eval_set(load_encoder(str(last), "cpu"), eval_set))
+
+
+@pytest.mark.slow
+def test_rerank_demo_learns(demo: Path) -> None:
+    """The reranker demo, exactly, from the bi-encoder demo's export: the issue's +0.30 rerank NDCG@10."""
+    assert (demo / "checkpoints" / "demo" / "export" / "modules.json").exists()  # what the reranker starts from
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "vdr", "fit", "--config", str(REPO / "configs/rerank_demo.yaml"),
+                    "--trainer.enable_progress_bar", "false"], cwd=demo, check=True)
+    seconds = time.perf_counter() - start
+    logged = scalars(demo / "checkpoints" / "rerank_demo" / "version_0")
+    before, after = logged["val/rerank_ndcg@10"][0][1], logged["val/rerank_ndcg@10"][-1][1]
+    first_stage = logged["val/first_stage_ndcg@10"][-1][1]
+    recall_1 = logged["val/rerank_recall@1"][-1][1]
+    print(f"rerank demo: {seconds:.0f} s, rerank ndcg@10 {before:.3f} -> {after:.3f} (first stage {first_stage:.3f}), "
+          f"recall@1 {recall_1:.3f}")
+    assert after - before >= 0.30, (before, after)

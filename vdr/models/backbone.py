@@ -204,6 +204,9 @@ def _from_pretrained(name_or_path: str, min_pixels: int | None, max_pixels: int 
             f"unknown backbone {name_or_path!r}: expected a preset ({', '.join(PRESETS)}), a local directory, "
             "or a hub id such as 'Qwen/Qwen3-VL-Embedding-2B'"
         )
+    if not os.path.isdir(name_or_path) and (name_or_path.count("/") > 1 or name_or_path.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"backbone directory {name_or_path!r} does not exist (and it is not a hub id of the "
+                                "form owner/name)")
     from transformers import AutoProcessor
 
     from vdr.models.processor import EMBEDDING_CHAT_TEMPLATE
