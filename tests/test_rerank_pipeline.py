@@ -169,3 +169,26 @@ def test_loss_and_data_mismatch_fails_before_training(tiny_synth: Path, tmp_path
     with pytest.raises(ValueError, match=message):
         fit_reranker(tmp_path, tiny_synth, "mismatch", 2, *flags)
     assert not list((tmp_path / "checkpoints" / "mismatch").rglob("*.ckpt"))
+
+
+def _table_variant(synth: Path, out: Path, change) -> Path:
+    import datasets
+
+    change(datasets.load_from_disk(str(synth / "train")).select(range(16))).save_to_disk(str(out))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["labeled pairs, pointwise BCE", "teacher scores, KL", "teacher scores, MarginMSE"])
+def test_fit_with_labeled_pairs_and_distillation(tiny_synth: Path, tmp_path: Path, variant: str) -> None:
+    if variant.startswith("labeled"):
+        train = _table_variant(tiny_synth, tmp_path / "pairs", lambda rows: rows.remove_columns(["negative_0"])
+                               .add_column("label", [1.0, 0.0] * 8))
+        flags = ["--data.labeled_pairs", "true", "--model.loss", "vdr.losses.ranking.PointwiseBCE"]
+    else:
+        train = _table_variant(tiny_synth, tmp_path / "teacher", lambda rows: rows.add_column(
+            "scores", [[2.0, -1.0 + i / 16] for i in range(16)]))
+        loss = "KLDistill" if "KL" in variant else "MarginMSE"
+        flags = ["--data.teacher_column", "scores", "--model.loss", f"vdr.losses.ranking.{loss}"]
+    run = fit_reranker(tmp_path, tiny_synth, "variant", 3, "--data.train", str(train), *flags)
+    assert len(scalars(run)["val/rerank_ndcg@10"]) == 2
+    assert (run / "checkpoints" / "last.ckpt").exists()
