@@ -2,6 +2,8 @@
 
 Same module, collator, data and loss as `vdr fit --config configs/rerank_demo.yaml`; prints the train loss every
 10 steps and, at the end, rerank NDCG@10 on the first `--eval-queries` eval queries (20 sampled candidates each).
+Starts from the backbone of configs/model/reranker-demo.yaml (the bi-encoder demo's export); the from-scratch runs of
+docs/LOG.md used the `demo` preset with model/demo.yaml's backbone settings.
 Run: OMP_NUM_THREADS=1 python scripts/research/rerank_loop.py --steps 200 --lr 1e-3 [--set key=value ...]
 """
 

@@ -82,8 +82,10 @@ class RerankerModule(VdrModule):
 
     def setup(self, stage: str) -> None:
         # Loss and data must fit each other; checked here, after the data module's setup and before any step.
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage != "fit" or data is None or getattr(data, "train_rows", None) is None:
+        if stage != "fit":
+            return
+        data = self.trainer.datamodule
+        if getattr(data, "train_rows", None) is None:
             return
         pairs = getattr(data, "labeled_pairs", False)
         group = 1 if pairs else 1 + data.num_negatives + self.batch_negatives

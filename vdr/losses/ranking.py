@@ -36,6 +36,18 @@ class RankingLoss(nn.Module):
     needs_teacher = False
     min_group_size = 1
 
+
+class _Softmax(RankingLoss):
+    """A loss over each group's softmax, with a temperature the scores are divided by."""
+
+    min_group_size = 2
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+
     def forward(self, scores: torch.Tensor, labels: torch.Tensor, *, mask: torch.Tensor | None = None,
                 teacher: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -54,7 +66,7 @@ class PointwiseBCE(RankingLoss):
         return losses[valid].mean()
 
 
-class ListwiseCE(RankingLoss):
+class ListwiseCE(_Softmax):
     """Softmax cross-entropy over each group: ``-log(sum_pos exp(s) / sum_valid exp(s))``.
 
     With one positive (the grouped schema: column 0) this is the cross-entropy at the positive's column. Equal scores
@@ -64,13 +76,6 @@ class ListwiseCE(RankingLoss):
         temperature: Scores are divided by it before the softmax (1: the log-odds as they are).
     """
 
-    min_group_size = 2
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
 
     def forward(self, scores, labels, *, mask=None, teacher=None):
         valid = _valid(scores, mask)  # [B, G]
@@ -96,7 +101,7 @@ class RankNet(RankingLoss):
         return F.softplus(-difference[pairs]).mean()
 
 
-class KLDistill(RankingLoss):
+class KLDistill(_Softmax):
     """``KL(softmax(teacher / T) || softmax(scores / T))`` over each group's valid candidates, averaged over groups.
 
     Zero when the student's distribution equals the teacher's; a uniform student against a one-hot teacher over G
@@ -107,13 +112,7 @@ class KLDistill(RankingLoss):
     """
 
     needs_teacher = True
-    min_group_size = 2
 
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
 
     def forward(self, scores, labels, *, mask=None, teacher=None):
         if teacher is None:
