@@ -192,3 +192,19 @@ def test_fit_with_labeled_pairs_and_distillation(tiny_synth: Path, tmp_path: Pat
     run = fit_reranker(tmp_path, tiny_synth, "variant", 3, "--data.train", str(train), *flags)
     assert len(scalars(run)["val/rerank_ndcg@10"]) == 2
     assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_export_command_with_identity_activation(checkpoint: Path, module: RerankerModule, eval_set,
+                                                 tmp_path: Path) -> None:
+    output = tmp_path / "identity"
+    assert main(["export", "--ckpt_path", str(checkpoint), "--output", str(output), "--activation", "identity"]) == 0
+    config = json.loads((output / "config_sentence_transformers.json").read_text())
+    assert config["model_type"] == "CrossEncoder" and config["activation_fn"].endswith("Identity")
+    corpus = eval_set.corpus_rows()
+    pages, queries = [corpus[i].image for i in range(4)], eval_set.query_texts[:4]
+    theirs = torch.as_tensor(CrossEncoder(str(output), device="cpu").predict(list(zip(queries, pages))))
+    ours = ModuleScorer(module.model, module.collator).score(queries, pages)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert main(["export", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "x"), "--truncate_dim",
+                 "8"]) == 2  # embeddings only
+    assert not (tmp_path / "x").exists()
