@@ -1,6 +1,7 @@
 """The README's two commands stay true: they match the scripts CI runs, and the demo command itself runs.
 
-The full demo (about 5 minutes) is the `slow` test below; CI runs it in a separate step.
+The full demos (the bi-encoder's, then the reranker's from its export: about 8 minutes) are the `slow` tests below;
+CI runs them in a separate step.
 """
 
 from __future__ import annotations
