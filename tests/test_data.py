@@ -143,3 +143,28 @@ def test_missing_source_is_named(tmp_path: Path) -> None:
         load_table(str(tmp_path / "nope"))
     with pytest.raises(DataError, match="no parquet file matches"):
         load_table(str(tmp_path / "*.parquet"))
+
+
+def test_synthetic_cache_of_another_generator_version_or_config_is_regenerated(tmp_path: Path) -> None:
+    import json
+
+    from vdr.data.datamodule import RetrievalDataModule
+    from vdr.data.synth import GENERATOR_VERSION, SynthConfig
+
+    config = SynthConfig(seed=2, image_size=64, num_train_pages=4, num_negatives=1, num_eval_queries=2,
+                         distractors_per_query=1)
+    target = tmp_path / "synth"
+    RetrievalDataModule(synthetic=config, synthetic_dir=str(target)).prepare_data()
+    meta_path = target / "synth.json"
+    first = meta_path.stat().st_mtime_ns
+    RetrievalDataModule(synthetic=config, synthetic_dir=str(target)).prepare_data()  # same version and config: kept
+    assert meta_path.stat().st_mtime_ns == first
+    meta = json.loads(meta_path.read_text())
+    meta["generator_version"] = GENERATOR_VERSION - 1
+    meta_path.write_text(json.dumps(meta))
+    RetrievalDataModule(synthetic=config, synthetic_dir=str(target)).prepare_data()  # stale version: regenerated
+    assert json.loads(meta_path.read_text())["generator_version"] == GENERATOR_VERSION
+    other = SynthConfig(seed=3, image_size=64, num_train_pages=4, num_negatives=1, num_eval_queries=2,
+                        distractors_per_query=1)
+    RetrievalDataModule(synthetic=other, synthetic_dir=str(target)).prepare_data()  # another config: regenerated
+    assert json.loads(meta_path.read_text())["config"]["seed"] == 3

@@ -6,6 +6,7 @@ Which tensors a row becomes is the model's business: the collator comes from the
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from vdr.data.schema import EvalSet, PairRows, TrainRows, load_eval_set
 from vdr.data.sources import load_table
-from vdr.data.synth import SynthConfig, generate
+from vdr.data.synth import GENERATOR_VERSION, SynthConfig, generate
 from vdr.evaluation.candidates import (
     Candidates,
     retriever_candidates,
@@ -73,9 +74,20 @@ class RetrievalDataModule(L.LightningDataModule):
         self.eval_set: EvalSet | None = None
 
     def prepare_data(self) -> None:
-        if self.synthetic is not None and not os.path.exists(os.path.join(self.synthetic_dir, "synth.json")):
+        if self.synthetic is None:
+            return
+        meta_path = os.path.join(self.synthetic_dir, "synth.json")
+        if not os.path.exists(meta_path):
             rank_zero_info(f"generating synthetic VDR data into {self.synthetic_dir}")
             generate(self.synthetic_dir, self.synthetic)
+            return
+        with open(meta_path) as handle:
+            meta = json.load(handle)
+        if meta.get("generator_version") != GENERATOR_VERSION or meta.get("config") != asdict(self.synthetic):
+            # Generated data of another generator version or config: regenerate rather than train on other pages.
+            rank_zero_info(f"{self.synthetic_dir} holds synthetic data of another generator version or config; "
+                           "regenerating it")
+            generate(self.synthetic_dir, self.synthetic, overwrite=True)
 
     def setup(self, stage: str) -> None:
         if self.collator is None:
