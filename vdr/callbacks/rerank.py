@@ -9,14 +9,15 @@ Ties in the reranker's scores keep the first-stage order; metric policies are ``
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from vdr.callbacks.evaluation import EvaluationCallback
 
 RERANK_METRICS = ("ndcg@10", "mrr@10", "recall@1")
 
 
-class RerankEvaluator(L.Callback):
+class RerankEvaluator(EvaluationCallback):
     """Reranks the eval candidate lists at each validation and logs the metrics of both orders.
 
     Args:
@@ -24,24 +25,11 @@ class RerankEvaluator(L.Callback):
     """
 
     def __init__(self, prefix: str = "val/") -> None:
+        super().__init__()
         self.prefix = prefix
         self._scores: torch.Tensor | None = None
-        self.last_metrics: dict[str, float] = {}
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:
-            raise NotImplementedError("RerankEvaluator runs on one process; distributed evaluation is not built yet")
-
-    def state_dict(self) -> dict:
-        return {"last_metrics": dict(self.last_metrics)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._scores = None
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._scores = None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -49,9 +37,6 @@ class RerankEvaluator(L.Callback):
             rows = trainer.datamodule.candidates.rows  # [Q, C]
             self._scores = torch.full(rows.shape, float("nan"))
         self._scores.view(-1)[batch.index.cpu()] = outputs.detach().float().cpu()
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._scores is None:
@@ -73,6 +58,3 @@ class RerankEvaluator(L.Callback):
         rank_zero_info(f"step {trainer.global_step}: rerank_ndcg@10 {reranked['ndcg@10']:.4f} "
                        f"(first stage {first['ndcg@10']:.4f}), rerank_recall@1 {reranked['recall@1']:.4f}")
         self._scores = None
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self.on_validation_epoch_end(trainer, pl_module)

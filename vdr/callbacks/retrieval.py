@@ -9,17 +9,17 @@ policies), so ``ModelCheckpoint(monitor="val/ndcg@10", mode="max")`` works.
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from vdr.callbacks.evaluation import EvaluationCallback
 from vdr.evaluation.metrics import retrieval_metrics
 from vdr.evaluation.topk import RunningTopK
 
 QUERIES, CORPUS = 0, 1
 
 
-class RetrievalEvaluator(L.Callback):
+class RetrievalEvaluator(EvaluationCallback):
     """Ranks the eval corpus at each validation and logs retrieval metrics.
 
     Args:
@@ -30,31 +30,16 @@ class RetrievalEvaluator(L.Callback):
     def __init__(self, k: int = 100, prefix: str = "val/") -> None:
         if k < 10:
             raise ValueError(f"k must be at least 10 for NDCG@10, got {k}")
+        super().__init__()
         self.k, self.prefix = k, prefix
         self._query_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._topk: RunningTopK | None = None
-        self.last_metrics: dict[str, float] = {}
         self.last_ranking: torch.Tensor | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:
-            # Each rank would rank only its shard of the queries and corpus: refuse rather than log wrong numbers.
-            raise NotImplementedError("RetrievalEvaluator runs on one process; distributed evaluation is not built yet")
-
-    def state_dict(self) -> dict:
-        # Saved into every checkpoint: the metrics of the validation that produced it (the export's model card).
-        return {"last_metrics": dict(self.last_metrics)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))
 
     def _reset(self) -> None:
         self._query_chunks, self._topk = [], None
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -70,9 +55,6 @@ class RetrievalEvaluator(L.Callback):
             self._topk = RunningTopK(queries, self.k)
             self._query_chunks = []
         self._topk.update(outputs.detach(), batch.index)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._topk is None:
@@ -94,6 +76,3 @@ class RetrievalEvaluator(L.Callback):
             f"step {trainer.global_step}: " + ", ".join(f"{n} {metrics[n]:.4f}" for n in ("ndcg@10", "recall@1"))
         )
         self._reset()
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self.on_validation_epoch_end(trainer, pl_module)

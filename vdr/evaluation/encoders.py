@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,16 @@ def is_sentence_transformers_model(name_or_path: str) -> bool:
     return embedder_layout(name_or_path) is not None
 
 
+def model_route(model: str) -> Literal["checkpoint", "sentence-transformers", "hugging-face"]:
+    """How a model argument of ``vdr evaluate`` loads: a ``vdr fit`` checkpoint file, a Sentence Transformers
+    directory or hub repository (``modules.json``), or a plain Hugging Face directory or hub id."""
+    if os.path.isfile(model):
+        return "checkpoint"
+    if not os.path.isdir(model) and "/" not in model:
+        raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")
+    return "sentence-transformers" if is_sentence_transformers_model(model) else "hugging-face"
+
+
 def load_encoder(model: str, device: str | None = None) -> Encoder:
     """Loads a checkpoint, a Sentence Transformers model, or a Hugging Face Qwen3-VL as an :class:`Encoder`.
 
@@ -93,14 +103,13 @@ def load_encoder(model: str, device: str | None = None) -> Encoder:
         device: ``cpu``, ``cuda``, ... (default: CUDA when available).
     """
     device = device or default_device()
-    if os.path.isfile(model):
+    route = model_route(model)
+    if route == "checkpoint":
         from vdr.lit.biencoder import BiEncoderModule
 
         module = BiEncoderModule.from_checkpoint(model)
         return ModuleEncoder(module.model, module.collator, device)
-    if not os.path.isdir(model) and "/" not in model:
-        raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")
-    if is_sentence_transformers_model(model):
+    if route == "sentence-transformers":
         from sentence_transformers import SentenceTransformer
 
         return SentenceTransformerEncoder(SentenceTransformer(model, device=device))

@@ -12,7 +12,6 @@ Scores are log-odds (``logit("yes") - logit("no")``) on every route, so they com
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
 
 import torch
@@ -20,8 +19,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 
 from vdr.data.rerank_collator import RerankCollator
-from vdr.evaluation.encoders import default_device
-from vdr.models.reranker import Reranker
+from vdr.evaluation.encoders import default_device, model_route
+from vdr.models.reranker import Reranker, yes_no_token_ids
 
 
 class Scorer(Protocol):
@@ -64,22 +63,18 @@ def load_scorer(model: str, device: str | None = None) -> Scorer:
         device: ``cpu``, ``cuda``, ... (default: CUDA when available).
     """
     device = device or default_device()
-    if os.path.isfile(model):
+    route = model_route(model)
+    if route == "checkpoint":
         from vdr.lit.reranker import RerankerModule
 
         module = RerankerModule.from_checkpoint(model)
         return ModuleScorer(module.model, module.collator, device)
-    if not os.path.isdir(model) and "/" not in model:
-        raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")
-    from vdr.models.st_format import embedder_layout
-
-    if embedder_layout(model) is not None:
+    if route == "sentence-transformers":
         from sentence_transformers import CrossEncoder
 
         return CrossEncoderScorer(CrossEncoder(model, device=device))
     from vdr.models.backbone import load_backbone
 
     backbone = load_backbone(model, min_pixels=None, max_pixels=None, lm_head=True)
-    tokenizer = backbone.processor.tokenizer
-    reranker = Reranker(backbone.model, tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no"))
+    reranker = Reranker(backbone.model, *yes_no_token_ids(backbone.processor.tokenizer))
     return ModuleScorer(reranker, RerankCollator(backbone.processor), device)

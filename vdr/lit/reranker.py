@@ -17,7 +17,7 @@ from vdr.lit.schedule import Decay
 from vdr.losses.ranking import ListwiseCE, RankingLoss
 from vdr.models.backbone import load_backbone
 from vdr.models.processor import DEFAULT_RERANK_INSTRUCTION
-from vdr.models.reranker import Reranker
+from vdr.models.reranker import Reranker, yes_no_token_ids
 
 CHECKPOINT_KIND = "reranker"
 
@@ -70,9 +70,7 @@ class RerankerModule(VdrModule):
              "freeze_token_embeddings": freeze_token_embeddings}
         )
         loaded = load_backbone(**asdict(self.backbone_config), lm_head=True)
-        tokenizer = loaded.processor.tokenizer
-        yes, no = (tokenizer.convert_tokens_to_ids(word) for word in ("yes", "no"))
-        self.model = Reranker(loaded.model, yes_token_id=yes, no_token_id=no)
+        self.model = Reranker(loaded.model, *yes_no_token_ids(loaded.processor.tokenizer))
         self.processor = loaded.processor
         self.collator = RerankCollator(self.processor, instruction, max_text_tokens, batch_negatives)
         self.loss = loss or ListwiseCE()

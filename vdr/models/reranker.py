@@ -15,6 +15,11 @@ from vdr.models.inputs import EncoderInputs
 from vdr.models.pooling import last_token_index
 
 
+def yes_no_token_ids(tokenizer) -> tuple[int, int]:
+    """The ids of "yes" and "no" (Qwen: 9693 and 2152), read from the tokenizer rather than assumed."""
+    return tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+
+
 class Reranker(nn.Module):
     """A ``Qwen3VLForConditionalGeneration`` scored by its yes/no logits at the last token.
 
