@@ -32,14 +32,18 @@ def data_args(synth: Path) -> list[str]:
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every TensorBoard scalar of a run directory: ``{tag: [(step, value), ...]}``."""
+    """Every TensorBoard scalar of a run directory: ``{tag: [(step, value), ...]}`` in step order.
+
+    A run with ``validate_before_fit`` writes two event files whose names end in a per-process counter that is not
+    zero-padded (``.9`` sorts after ``.10``), so values are ordered by step, not by file name.
+    """
     values: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+    for events in run_dir.glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return values
+    return {tag: sorted(points, key=lambda point: point[0]) for tag, points in values.items()}
 
 
 def fit_tiny(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Path:

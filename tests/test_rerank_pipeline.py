@@ -77,8 +77,8 @@ def test_fit_logs_both_stages_and_saves_a_reranker_checkpoint(run: Path, checkpo
     assert config["model"]["class_path"] == "vdr.lit.reranker.RerankerModule"
     # The callback's last value equals an independent route: score the same lists outside Lightning.
     candidates = sampled_candidates(eval_set, 10, seed=0)
-    # The callback's batches exactly (data.eval_batch_size 16): the tiny model's scores are nearly tied (a 6-step
-    # model spreads 120 pairs over ~0.03), and other padding shifts them by ~1e-7, enough to reorder near-ties.
+    # In the callback's own batches (data.eval_batch_size 16): the 6-step tiny model's scores are nearly tied (120
+    # pairs within ~0.03, neighbours ~2e-6 apart), and other padding shifts them by ~1e-7.
     scores = rerank(ModuleScorer(module.model, module.collator), candidates, eval_set, batch_size=16, progress=False)
     ndcg = candidates.metrics(eval_set, candidates.reranked(scores))["ndcg@10"]
     assert ndcg == pytest.approx(reranked[1], abs=1e-5)
