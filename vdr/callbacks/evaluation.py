@@ -1,7 +1,11 @@
-"""What the evaluation callbacks share: one process only, their last metrics kept in checkpoints, test = validation.
+"""What the evaluation callbacks share: their last metrics kept in checkpoints, and test = validation.
 
 The metrics of the validation that produced a checkpoint travel in it (``state_dict``), which is where an export's
 model card reads them.
+
+Under DDP or FSDP each rank embeds or scores its shard of the eval data (the data module pads the shards to equal
+length with items of ``index = -1``, which the callbacks drop); the callbacks gather only what the metrics need, so
+every rank computes the same metrics as one process would.
 """
 
 from __future__ import annotations
@@ -14,12 +18,6 @@ class EvaluationCallback(L.Callback):
 
     def __init__(self) -> None:
         self.last_metrics: dict[str, float] = {}
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.world_size > 1:
-            # Each rank would see only its shard of the eval data: refuse rather than log wrong numbers.
-            raise NotImplementedError(f"{type(self).__name__} runs on one process; distributed evaluation is not "
-                                      "built yet")
 
     def state_dict(self) -> dict:
         return {"last_metrics": dict(self.last_metrics)}

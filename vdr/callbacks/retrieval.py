@@ -5,6 +5,10 @@ The data module's validation loaders yield the eval queries (loader 0) and then 
 top-k (``[Q, k]`` memory, never a queries x corpus matrix), and at epoch end logs ``val/ndcg@10``,
 ``val/mrr@10``, ``val/recall@1`` and ``val/recall@10`` (see ``vdr.evaluation.metrics`` for tie and empty-query
 policies), so ``ModelCheckpoint(monitor="val/ndcg@10", mode="max")`` works.
+
+With several ranks, each embeds its shard of the queries and of the corpus. The query embeddings (``[Q, D]``) are
+gathered once, each rank keeps the top-k of its corpus shard, and only those (``[Q, k]`` scores and rows per rank) are
+gathered and merged: the corpus embeddings never leave their rank.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vdr.callbacks.evaluation import EvaluationCallback
+from vdr.distributed.collectives import all_gather_uneven
 from vdr.evaluation.metrics import retrieval_metrics
 from vdr.evaluation.topk import RunningTopK
 
@@ -43,25 +48,33 @@ class RetrievalEvaluator(EvaluationCallback):
         self._reset()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        real = batch.index >= 0  # [B]; -1 marks the padding of distributed shards
+        index, embeddings = batch.index[real], outputs.detach()[real.to(outputs.device)]
         if dataloader_idx == QUERIES:
-            self._query_chunks.append((batch.index, outputs.detach()))
+            self._query_chunks.append((index.to(embeddings.device), embeddings))
             return
         if self._topk is None:
-            # All queries are in: order them by row once, then stream the corpus.
-            index = torch.cat([i for i, _ in self._query_chunks])
-            embeddings = torch.cat([e for _, e in self._query_chunks])
-            queries = torch.empty_like(embeddings)
-            queries[index.to(embeddings.device)] = embeddings
+            # All queries are in (on every rank): order them by row once, then stream the corpus.
+            query_rows = torch.cat(all_gather_uneven(torch.cat([i for i, _ in self._query_chunks])))
+            query_embeddings = torch.cat(all_gather_uneven(torch.cat([e for _, e in self._query_chunks])))
+            queries = torch.empty_like(query_embeddings)  # [Q, D]
+            queries[query_rows] = query_embeddings
             self._topk = RunningTopK(queries, self.k)
             self._query_chunks = []
-        self._topk.update(outputs.detach(), batch.index)
+        self._topk.update(embeddings, index)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._topk is None:
             self._reset()
             return
         eval_set = trainer.datamodule.eval_set
-        _, ranked = self._topk.result()
+        # Merge every rank's top-k of its corpus shard (one process: just its own); [k, Q] gathers along k.
+        scores, rows = self._topk.result()  # [Q, <=k]
+        merged = RunningTopK(self._topk.queries, self.k)
+        parts = zip(all_gather_uneven(scores.T.contiguous()), all_gather_uneven(rows.T.contiguous()))
+        for part_scores, part_rows in parts:
+            merged.merge(part_scores.T, part_rows.T)
+        _, ranked = merged.result()
         if ranked.shape[0] != len(eval_set.qrels):
             raise RuntimeError(f"ranked {ranked.shape[0]} queries, the eval set has {len(eval_set.qrels)}")
         metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(eval_set.corpus_ids))
@@ -69,7 +82,8 @@ class RetrievalEvaluator(EvaluationCallback):
             rank_zero_warn(f"{metrics['num_skipped']} eval queries have no relevant document and were skipped")
         prefix = "test/" if trainer.testing else self.prefix
         for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
-            pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=True)
+            # Every rank holds the same value; sync_dist averages equal numbers (and keeps Lightning quiet).
+            pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=True, sync_dist=True)
         self.last_metrics = {"step": trainer.global_step, **metrics}
         self.last_ranking = ranked.cpu()
         rank_zero_info(

@@ -6,7 +6,9 @@ Which tensors a row becomes is the model's business: the collator comes from the
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import asdict
 
@@ -24,6 +26,26 @@ from vdr.evaluation.candidates import (
     run_file_candidates,
     sampled_candidates,
 )
+
+
+class PaddedRows(torch.utils.data.Dataset):
+    """An eval dataset padded to a multiple of the world size; padding items repeat row 0 with ``index = -1``.
+
+    Lightning shards eval loaders with a ``DistributedSampler``, which pads by repeating real rows: a repeated page
+    would then be ranked twice. Padding here instead keeps every rank's batch count equal (FSDP needs each rank to
+    run the same forwards) and lets the evaluation callbacks drop the padding by its index.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, multiple: int) -> None:
+        self.dataset, self.length = dataset, math.ceil(len(dataset) / multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if index < len(self.dataset):
+            return self.dataset[index]
+        return dataclasses.replace(self.dataset[0], index=-1)
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -107,6 +129,9 @@ class RetrievalDataModule(L.LightningDataModule):
                          verify_images=self.verify_images)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if not shuffle and world_size > 1:
+            dataset = PaddedRows(dataset, world_size)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=generator,

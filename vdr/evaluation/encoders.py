@@ -86,9 +86,12 @@ def is_sentence_transformers_model(name_or_path: str) -> bool:
 
 
 def model_route(model: str) -> Literal["checkpoint", "sentence-transformers", "hugging-face"]:
-    """How a model argument of ``vdr evaluate`` loads: a ``vdr fit`` checkpoint file, a Sentence Transformers
-    directory or hub repository (``modules.json``), or a plain Hugging Face directory or hub id."""
-    if os.path.isfile(model):
+    """How a model argument of ``vdr evaluate`` loads: a ``vdr fit`` checkpoint (a file, or an FSDP run's sharded
+    directory), a Sentence Transformers directory or hub repository (``modules.json``), or a plain Hugging Face
+    directory or hub id."""
+    from vdr.lit.checkpoint import SHARDED_METADATA
+
+    if os.path.isfile(model) or os.path.isfile(os.path.join(model, SHARDED_METADATA)):
         return "checkpoint"
     if not os.path.isdir(model) and "/" not in model:
         raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")

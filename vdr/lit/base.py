@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
 from vdr.lit.schedule import Decay, warmup_decay
@@ -59,6 +60,29 @@ class VdrModule(L.LightningModule):
     """
 
     CHECKPOINT_KIND = ""
+    _unsharded: list[torch.nn.Parameter] | None = None  # set by configure_model under FSDP
+
+    @property
+    def trunk(self) -> torch.nn.Module:
+        """The ``Qwen3VLModel`` inside ``self.model``."""
+        return self.model.trunk
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (e.g. ``FSDP2Strategy``), shards the model with FSDP2; else does nothing."""
+        if self.device_mesh is None or self._unsharded is not None:  # not model-parallel, or already sharded
+            return
+        from vdr.distributed.fsdp import shard_module
+
+        self._unsharded = shard_module(self, self.device_mesh, getattr(self.trainer.strategy, "sharding", None))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # FSDP reduces the gradients of sharded weights; average the few it does not hold (a learnable temperature)
+        # before clipping and the step, as DDP would.
+        if self._unsharded and dist.is_initialized():
+            for param in self._unsharded:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad /= dist.get_world_size()
 
     def _configure_training(self, optimizer, warmup_ratio: float, decay: Decay, min_lr_ratio: float) -> None:
         self.optimizer_factory = optimizer

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
+from vdr.distributed.collectives import all_gather_uneven, gather_with_grad
 from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.schedule import Decay
 from vdr.losses.contrastive import InfoNCELoss
@@ -41,6 +42,13 @@ class BiEncoderModule(VdrModule):
         hard_negatives_after_step: Train on in-batch negatives only before this optimizer step, then on the hard
             negatives too. A model trained from scratch first has to leave its collapsed start (all embeddings
             alike), which hard negatives slow down; a pretrained backbone wants 0.
+        global_negatives: Under DDP or FSDP, score each query against the documents of every rank (gathered with
+            gradients), as one process with the global batch would. False keeps each rank's negatives local.
+
+    Global negatives and gradient accumulation: each micro-batch is its own contrastive problem over the documents
+    of all ranks for that micro-batch (``world size x per-device batch x (1 + k)`` documents); the accumulated
+    gradient is the mean over micro-batches. Negatives never cross micro-batches: for one softmax over more documents
+    than fit at once, use a larger per-device batch with gradient caching, not accumulation.
     """
 
     CHECKPOINT_KIND = CHECKPOINT_KIND
@@ -58,6 +66,7 @@ class BiEncoderModule(VdrModule):
         freeze_vision: bool = False,
         freeze_token_embeddings: bool = False,
         hard_negatives_after_step: int = 0,
+        global_negatives: bool = True,
     ) -> None:
         super().__init__()
         # Dicts arrive from load_from_checkpoint (hyperparameters are saved as plain data).
@@ -70,7 +79,7 @@ class BiEncoderModule(VdrModule):
              "max_text_tokens": max_text_tokens, "warmup_ratio": warmup_ratio, "decay": decay,
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
              "freeze_token_embeddings": freeze_token_embeddings,
-             "hard_negatives_after_step": hard_negatives_after_step}
+             "hard_negatives_after_step": hard_negatives_after_step, "global_negatives": global_negatives}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
         for side, saved in loaded.prompts.items():
@@ -84,6 +93,7 @@ class BiEncoderModule(VdrModule):
         self.loss = loss or InfoNCELoss()
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
         self.hard_negatives_after_step = hard_negatives_after_step
+        self.global_negatives = global_negatives
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
 
     def forward(self, inputs) -> torch.Tensor:
@@ -96,10 +106,16 @@ class BiEncoderModule(VdrModule):
             documents, keys = documents.head(len(batch)), keys[: len(batch)]  # positives only
         queries = self.model(batch.queries)  # [B, D]
         documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
-        loss = self.loss(queries, documents, document_keys=keys)
+        offset = 0
+        if self.global_negatives:
+            # Every rank's documents, in rank order; this rank's positives start at `offset`.
+            documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
+            keys = torch.cat(all_gather_uneven(keys))
+        loss = self.loss(queries, documents, document_keys=keys, offset=offset)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        # Averaged over ranks: with equal per-rank batches, the loss one process would compute on the global batch.
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/temperature", self.loss.temperature, batch_size=len(batch))
         return loss
 

@@ -1,8 +1,9 @@
 """InfoNCE over in-batch and hard negatives (Sentence Transformers' "multiple negatives ranking" convention).
 
 Query i scores every document of the batch; its target is column ``offset + i`` of
-``[positives; negative column 0; negative column 1; ...]``. With several ranks the caller gathers the documents
-of all ranks in that layout and passes ``offset = rank * local_batch``; the loss never reads ranks itself.
+``[positives; negative column 0; negative column 1; ...]``. With several ranks the caller concatenates every rank's
+documents in that layout, rank after rank, and passes ``offset`` = the column of this rank's first document
+(``rank * B * (1 + k)`` for equal batches, not ``rank * B``); the loss never reads ranks itself.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class InfoNCELoss(nn.Module):
             documents: ``[N, D]`` unit-norm documents, ``N = (1 + k) * B_total``, positives first.
             document_keys: ``[N]`` content hashes; when given, a query's own positive page appearing at another
                 column (a duplicate row, or its page mined as someone's negative) is dropped from its softmax.
-            offset: Column of this batch's first positive (``rank * B`` when documents come from all ranks).
+            offset: Column of this batch's first positive (where this rank's documents start when they come from
+                all ranks).
         """
         logits = self.logits(queries, documents)  # [B, N]
         targets = torch.arange(queries.shape[0], device=queries.device) + offset  # [B]

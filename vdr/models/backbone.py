@@ -240,3 +240,32 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     embed = model.language_model.embed_tokens.weight.numel()
     text = sum(p.numel() for p in model.language_model.parameters()) - embed
     return {"vision": vision, "embeddings": embed, "text": text}
+
+
+def idle_vision_term(trunk: Qwen3VLModel) -> torch.Tensor:
+    """A zero that depends on every vision parameter: run the vision tower on one blank 32x32 image.
+
+    Under DDP or FSDP every rank must run the same modules in the same order: a rank whose batch holds no image (text
+    queries, text-only documents) would otherwise skip the vision tower, and FSDP's parameter all-gathers (or DDP's
+    gradient reduction) would wait forever for it. Adding this term to such a batch's output keeps the collectives
+    aligned and changes no value; its gradients are zeros.
+    """
+    visual = trunk.visual
+    config = visual.config
+    merge = config.spatial_merge_size
+    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    weight = next(visual.parameters())
+    grid = torch.tensor([[1, merge, merge]], device=weight.device)  # one image of one visual token
+    pixels = torch.zeros(merge * merge, patch_dim, device=weight.device, dtype=weight.dtype)
+    total = torch.zeros((), device=weight.device)
+    for tensor in _tensors(visual(pixels, grid_thw=grid)):
+        total = total + tensor.float().sum()
+    return total * 0.0
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensors, tuples, lists, ModelOutputs), depth first."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
+    return [t for value in values for t in _tensors(value)]

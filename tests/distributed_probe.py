@@ -1,0 +1,82 @@
+"""A callback the distributed tests add to ``vdr fit`` runs in child processes: it records each rank's losses,
+gradients and metrics to files, and can swap in a wrong all-gather to show that the gradient test catches it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from vdr.distributed.collectives import world
+
+
+class _LocalGradientGather(torch.autograd.Function):
+    """An all-gather whose backward keeps only this rank's own loss's gradient for its chunk (a peer bug): the loss is
+    right, the gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.length = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank * ctx.length : (ctx.rank + 1) * ctx.length]
+
+
+def local_gradient_gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    rank, size = world()
+    return (_LocalGradientGather.apply(x), rank * x.shape[0]) if size > 1 else (x, 0)
+
+
+class Probe(L.Callback):
+    """Writes ``rank{r}.json`` (losses per step, last validation metrics) and ``rank{r}-grads.pt`` (the gradients
+    at the first optimizer step, full tensors) into ``output``.
+
+    Args:
+        output: Directory to write into.
+        local_gradient_gather: Replace the bi-encoder's all-gather by :func:`local_gradient_gather`.
+    """
+
+    def __init__(self, output: str, local_gradient_gather: bool = False) -> None:
+        self.output, self.local_gradient_gather = output, local_gradient_gather
+        self.losses: list[float] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        os.makedirs(self.output, exist_ok=True)
+        if self.local_gradient_gather:
+            import vdr.lit.biencoder
+
+            vdr.lit.biencoder.gather_with_grad = local_gradient_gather
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step != 0:
+            return
+        grads = {}
+        for name, param in pl_module.named_parameters():
+            if param.grad is not None:
+                grad = param.grad
+                grads[name] = (grad.full_tensor() if isinstance(grad, DTensor) else grad).detach().cpu()
+        torch.save(grads, os.path.join(self.output, f"rank{trainer.global_rank}-grads.pt"))
+
+    def _write(self, trainer) -> None:
+        metrics = {}
+        for callback in trainer.callbacks:
+            metrics.update(getattr(callback, "last_metrics", {}))
+        with open(os.path.join(self.output, f"rank{trainer.global_rank}.json"), "w") as handle:
+            json.dump({"losses": self.losses, "metrics": metrics, "world_size": trainer.world_size}, handle)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._write(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._write(trainer)

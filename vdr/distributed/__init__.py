@@ -1,0 +1,1 @@
+"""Multi-process training and evaluation: collectives with the right gradients, FSDP2 sharding, eval sharding."""
