@@ -7,6 +7,7 @@ rank's losses, first-step gradients and metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, STACK, TINY_SYNTH, data_args
 from datasets import Dataset, Image, load_from_disk
 
-from conftest import REPO, STACK, TINY_SYNTH, data_args
 from vdr.data.synth import generate
 
 TESTS = Path(__file__).resolve().parent
@@ -61,10 +62,11 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def fit_args(synth: Path, name: str, *, devices: int, batch: int, steps: int, train: str = "train8") -> list[str]:
-    return ["fit", *STACK, *data_args(synth), "--data.train", str(synth / train), "--data.batch_size", str(batch),
+def fit_args(synth: Path, name: str, *, devices: int, batch: int, steps: int,
+             val_every: int | None = None) -> list[str]:
+    return ["fit", *STACK, *data_args(synth), "--data.train", str(synth / "train8"), "--data.batch_size", str(batch),
             "--trainer.logger.init_args.name", name, "--trainer.devices", str(devices),
-            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+            "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every or steps),
             "--trainer.check_val_every_n_epoch", "null", "--trainer.max_epochs", "-1"]
 
 
@@ -79,10 +81,16 @@ def one_process(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "probe"
 
 
-def _ddp(synth: Path, root: Path, **probe) -> Path:
-    vdr(*fit_args(synth, "ddp", devices=2, batch=PER_RANK_BATCH, steps=1), *DDP, *probe_args(root / "probe", **probe),
-        cwd=root)
+def _two_ranks(synth: Path, root: Path, strategy: list[str], steps: int = 1, **probe) -> Path:
+    vdr(*fit_args(synth, "two", devices=2, batch=PER_RANK_BATCH, steps=steps), *strategy,
+        *probe_args(root / "probe", **probe), cwd=root)
     return root / "probe"
+
+
+@pytest.fixture(scope="module")
+def ddp(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two DDP ranks, batch 4 each, 3 steps (one step per epoch of train8)."""
+    return _two_ranks(synth, tmp_path_factory.mktemp("ddp"), DDP, steps=3)
 
 
 def _assert_same_step(reference: Path, other: Path) -> None:
@@ -98,13 +106,119 @@ def _assert_same_step(reference: Path, other: Path) -> None:
             torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_ddp_global_negatives_give_the_one_process_loss_and_gradients(synth, one_process, tmp_path) -> None:
-    _assert_same_step(one_process, _ddp(synth, tmp_path))
+def test_ddp_global_negatives_give_the_one_process_loss_and_gradients(one_process: Path, ddp: Path) -> None:
+    _assert_same_step(one_process, ddp)
 
 
 def test_a_gather_that_keeps_only_the_local_gradient_fails_the_gradient_check(synth, one_process, tmp_path) -> None:
-    broken = _ddp(synth, tmp_path, local_gradient_gather=True)
+    broken = _two_ranks(synth, tmp_path, DDP, local_gradient_gather=True)
     (one,), two = ranks(one_process), ranks(broken)
     assert sum(r["losses"][0] for r in two) / 2 == pytest.approx(one["losses"][0], abs=1e-5)  # the loss is right
     with pytest.raises(AssertionError):
         _assert_same_step(one_process, broken)  # the gradients are not
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------------------------
+
+FSDP = ["--config", str(REPO / "configs/trainer/fsdp.yaml"), "--trainer.strategy.init_args.param_dtype", "null"]
+# Frozen and trainable weights in one unit; a learning rate that does not depend on max_steps (a resumed run to step
+# 4 then sees the schedule of an uninterrupted one).
+FROZEN = ["--model.freeze_vision", "true", "--model.freeze_token_embeddings", "true", "--model.warmup_ratio", "0",
+          "--model.decay", "constant"]
+
+
+def test_fsdp_matches_one_process_gradients_and_ddp_losses(synth, one_process, ddp, tmp_path) -> None:
+    fsdp = _two_ranks(synth, tmp_path, FSDP, steps=3)
+    _assert_same_step(one_process, fsdp)  # sharded gradients, gathered in full, equal the global batch's
+    for ours, theirs in zip(ranks(fsdp), ranks(ddp)):
+        assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-4)
+    checkpoint = tmp_path / "checkpoints/two/version_0/checkpoints/last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
+
+
+@pytest.fixture(scope="module")
+def fsdp_frozen(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FSDP with the vision tower and token embeddings frozen (frozen and trainable weights share the root unit):
+    2 steps, then resumed from its sharded checkpoint for 2 more, exporting at the end of each fit."""
+    root = tmp_path_factory.mktemp("fsdp-frozen")
+    export = ["--trainer.callbacks+", "vdr.callbacks.export.ExportBest", "--trainer.callbacks.overwrite", "true"]
+    vdr(*fit_args(synth, "frozen", devices=2, batch=PER_RANK_BATCH, steps=2), *FSDP, *FROZEN, *export,
+        *probe_args(root / "first"), cwd=root)
+    last = root / "checkpoints/frozen/version_0/checkpoints/last.ckpt"
+    vdr(*fit_args(synth, "frozen", devices=2, batch=PER_RANK_BATCH, steps=4, val_every=2), *FSDP, *FROZEN,
+        "--ckpt_path", str(last), *probe_args(root / "resumed"), cwd=root)
+    return root
+
+
+def test_fsdp_resumes_from_its_sharded_checkpoint_as_if_never_stopped(synth, fsdp_frozen, tmp_path) -> None:
+    # Validating at the same steps as the interrupted run (Lightning's loop state at the checkpoint depends on it).
+    vdr(*fit_args(synth, "straight", devices=2, batch=PER_RANK_BATCH, steps=4, val_every=2), *FSDP, *FROZEN,
+        *probe_args(tmp_path / "probe"), cwd=tmp_path)
+    straight = ranks(tmp_path / "probe")
+    first, resumed = ranks(fsdp_frozen / "first"), ranks(fsdp_frozen / "resumed")
+    for rank in (0, 1):
+        assert first[rank]["losses"] + resumed[rank]["losses"] == pytest.approx(straight[rank]["losses"], abs=1e-5)
+    grads = torch.load(fsdp_frozen / "first/rank0-grads.pt")
+    assert grads and not any(".visual." in name or "embed_tokens" in name for name in grads)  # frozen: no gradient
+
+
+def test_fsdp_export_writes_full_weights_in_the_ddp_export_format(fsdp_frozen, ddp, tmp_path) -> None:
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from vdr.evaluation.encoders import ModuleEncoder, SentenceTransformerEncoder
+    from vdr.export.command import export_checkpoint
+    from vdr.lit.biencoder import BiEncoderModule
+    from vdr.lit.checkpoint import read_checkpoint
+
+    sharded = fsdp_frozen / "checkpoints/frozen/version_0/checkpoints/last.ckpt"
+    ours = export_checkpoint(sharded, tmp_path / "fsdp")
+    theirs = export_checkpoint(ddp.parent / "checkpoints/two/version_0/checkpoints/last.ckpt", tmp_path / "ddp")
+    files = sorted(str(p.relative_to(ours)) for p in ours.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(theirs)) for p in theirs.rglob("*") if p.is_file())
+    for name in files:  # configs, processor, tokenizer: the same bytes
+        if name.endswith(".json"):
+            assert (ours / name).read_text() == (theirs / name).read_text(), name
+    weights, reference = load_file(next(ours.rglob("*.safetensors"))), load_file(next(theirs.rglob("*.safetensors")))
+    assert {k: (v.shape, v.dtype) for k, v in weights.items()} == {k: (v.shape, v.dtype) for k, v in reference.items()}
+    # The checkpoint holds whole tensors (each the shape of the unsharded model's), and the export embeds as the
+    # module rebuilt from it does.
+    module = BiEncoderModule.from_checkpoint(sharded)
+    state = read_checkpoint(sharded)["state_dict"]
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in module.state_dict().items()}
+    texts = ["revenue of Acme in 2015", "a query"]
+    expected = ModuleEncoder(module.model, module.collator, "cpu").queries(texts)
+    torch.testing.assert_close(SentenceTransformerEncoder(SentenceTransformer(str(ours), device="cpu")).queries(texts),
+                               expected, atol=1e-5, rtol=1e-4)
+    in_run = fsdp_frozen / "checkpoints/frozen/version_0/export"  # ExportBest, from the first fit's best checkpoint
+    assert SentenceTransformerEncoder(SentenceTransformer(str(in_run), device="cpu")).queries(texts).shape == (2, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 queries over 21 pages: shards of 2 ranks need padding at every batch size."""
+    out = tmp_path_factory.mktemp("odd") / "synth"
+    generate(out, dataclasses.replace(TINY_SYNTH, num_eval_queries=7), progress=False)
+    return out / "eval"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distributed_ndcg_equals_one_process(strategy, synth, one_process, odd_eval, tmp_path) -> None:
+    checkpoint = one_process.parent / "checkpoints/one/version_0/checkpoints/last.ckpt"
+    args = ["validate", *STACK, "--data.eval", str(odd_eval), "--data.eval_batch_size", "3", "--ckpt_path",
+            str(checkpoint), "--trainer.enable_progress_bar", "false"]
+    vdr(*args, *probe_args(tmp_path / "one"), cwd=tmp_path)
+    vdr(*args, "--trainer.devices", "2", *(DDP if strategy == "ddp" else FSDP), *probe_args(tmp_path / "two"),
+        cwd=tmp_path)
+    (one,), two = ranks(tmp_path / "one"), ranks(tmp_path / "two")
+    assert one["metrics"]["num_queries"] == 7 and two[0]["world_size"] == 2
+    for rank in two:
+        for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
+            assert rank["metrics"][name] == pytest.approx(one["metrics"][name], abs=1e-6), name

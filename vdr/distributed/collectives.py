@@ -9,6 +9,8 @@ for the collective and trimmed after it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -45,7 +47,11 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     if size == 1:
         return x, 0
     lengths = _lengths(x)
-    parts = dist_fn.all_gather(_pad(x, max(lengths)))  # backward: sum of every rank's gradient for our chunk
+    with warnings.catch_warnings():
+        # Deprecated in torch 2.14 for a private functional API; it is the public autograd all-gather on every torch
+        # we support (2.11+), and its backward works on gloo as well as NCCL.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(_pad(x, max(lengths)))  # backward: sum of every rank's gradient for our chunk
     return torch.cat([part[:n] for part, n in zip(parts, lengths)]), sum(lengths[:rank])
 
 

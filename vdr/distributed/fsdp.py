@@ -21,7 +21,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
-
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
