@@ -117,6 +117,9 @@ class VdrModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["vdr"] = checkpoint_marker(self.CHECKPOINT_KIND)
+        # `vdr validate|test --ckpt_path X` rebuilds the module from these hyperparameters; the class tells LightningCLI
+        # which module they belong to (a reranker's would otherwise be read as the default bi-encoder's).
+        checkpoint.setdefault("hyper_parameters", {})["_class_path"] = f"{type(self).__module__}.{type(self).__name__}"
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
