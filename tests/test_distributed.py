@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, STACK, TINY_SYNTH, data_args
 from datasets import Dataset, Image, load_from_disk
 
 from vdr.data.synth import generate
+
+from .conftest import REPO, STACK, TINY_SYNTH, data_args
 
 TESTS = Path(__file__).resolve().parent
 PER_RANK_BATCH = 4
@@ -278,14 +279,15 @@ def test_a_rank_whose_batch_has_no_image_does_not_hang(mode: str) -> None:
 
 
 def test_two_nodes_take_the_steps_of_one_node_with_two_processes(synth, ddp, tmp_path) -> None:
-    """Two torchrun launches with --nnodes=2 on 127.0.0.1 (one process each) against the Lightning-launched 2-process
-    run of the same config: the same losses at every step."""
-    args = [*fit_args(synth, "two", devices=1, batch=PER_RANK_BATCH, steps=3), *DDP, "--trainer.num_nodes", "2",
-            *probe_args(tmp_path / "probe")]
+    """Two launches of scripts/slurm/torchrun.sh with NNODES=2 on 127.0.0.1 (one process each) against the
+    Lightning-launched 2-process run of the same config: the same losses at every step."""
+    args = [*fit_args(synth, "two", devices=1, batch=PER_RANK_BATCH, steps=3), *DDP, *probe_args(tmp_path / "probe")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(torchrun("-m", "vdr.cli", *args, nnodes=2, node_rank=node, port=29621), cwd=tmp_path,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+           "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "NNODES": "2", "GPUS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29621"}
+    script = str(REPO / "scripts/slurm/torchrun.sh")
+    nodes = [subprocess.Popen(["bash", script, *args], cwd=tmp_path, env={**env, "NODE_RANK": str(node)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
     for node in nodes:
         _, stderr = node.communicate(timeout=600)
         assert node.returncode == 0, stderr[-5000:]
@@ -294,3 +296,25 @@ def test_two_nodes_take_the_steps_of_one_node_with_two_processes(synth, ddp, tmp
     for ours, theirs in zip(two_nodes, one_node):
         assert len(ours["losses"]) == 3
         assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-6)
+
+
+def test_slurm_submission_takes_nodes_and_gpus_from_the_config(tmp_path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\necho "$@" > "$SBATCH_LOG"\n')
+    (fake / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "SBATCH_LOG": str(tmp_path / "log"),
+           "VDR": str(Path(sys.executable).parent / "vdr")}
+    config = ["fit", "--config", str(REPO / "configs/trainer/gpu.yaml"), "--config",
+              str(REPO / "configs/trainer/fsdp.yaml"), "--trainer.num_nodes", "2", "--trainer.devices", "4"]
+    submit = ["bash", str(REPO / "scripts/slurm/submit.sh")]
+    result = subprocess.run([*submit, *config], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    words = (tmp_path / "log").read_text().split()
+    assert words[:3] == ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"]
+    assert words[3].endswith("scripts/slurm/vdr.sbatch") and words[4:] == config
+    # GPUs per node left to "auto" cannot size an allocation: refused before anything is submitted.
+    (tmp_path / "log").unlink()
+    result = subprocess.run([*submit, "fit"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "set trainer.devices" in result.stderr and not (tmp_path / "log").exists()
+    assert subprocess.run(["bash", "-n", str(REPO / "scripts/slurm/vdr.sbatch")]).returncode == 0
