@@ -68,9 +68,12 @@ def fit_args(synth: Path, name: str, *, devices: int, batch: int, steps: int,
     return ["fit", *STACK, *data_args(synth), "--data.train", str(synth / "train8"), "--data.batch_size", str(batch),
             "--trainer.logger.init_args.name", name, "--trainer.devices", str(devices),
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(val_every or steps),
-            "--trainer.check_val_every_n_epoch", "null", "--trainer.max_epochs", "-1"]
+            "--trainer.check_val_every_n_epoch", "null", "--trainer.max_epochs", "-1", *LEARNABLE_TEMPERATURE]
 
 
+# A parameter FSDP leaves whole (a scalar): its gradient must still be averaged across ranks.
+LEARNABLE_TEMPERATURE = ["--model.loss", "vdr.losses.contrastive.InfoNCELoss", "--model.loss.learnable_temperature",
+                         "true"]
 DDP = ["--trainer.strategy", "ddp"]
 
 
@@ -234,11 +237,14 @@ RERANK_STACK = [part for name in ("trainer/default", "trainer/cpu", "callbacks/r
 
 
 def test_reranker_trains_under_ddp_and_fsdp_and_evaluates_as_one_process(synth, odd_eval, tmp_path) -> None:
-    """Listwise reranker, 2 ranks x 4 groups: DDP and FSDP take the same steps, and the distributed rerank metrics
-    (7 queries x 7 candidates = 49 pairs, padded to shard) equal one process validating the same checkpoint."""
+    """Listwise reranker, 2 ranks x 4 groups: DDP and FSDP (with activation checkpointing) take the same steps, and the
+    distributed rerank metrics (7 queries x 7 candidates = 49 pairs, padded to shard) equal one process validating the
+    same checkpoint."""
     common = [*RERANK_STACK, *data_args(synth), "--data.train", str(synth / "train8"), "--data.eval", str(odd_eval),
               "--data.batch_size", str(PER_RANK_BATCH), "--data.num_candidates", "7", "--data.eval_batch_size", "5"]
-    for name, strategy in (("ddp", DDP), ("fsdp", FSDP)):
+    # FSDP with activation checkpointing: recomputing each layer in the backward changes no number.
+    checkpointing = ["--trainer.strategy.init_args.activation_checkpointing", "true"]
+    for name, strategy in (("ddp", DDP), ("fsdp", [*FSDP, *checkpointing])):
         vdr("fit", *common, "--trainer.logger.init_args.name", name, "--trainer.devices", "2", "--trainer.max_steps",
             "2", "--trainer.val_check_interval", "2", "--trainer.check_val_every_n_epoch", "null",
             "--trainer.max_epochs", "-1", *strategy, *probe_args(tmp_path / name), cwd=tmp_path)

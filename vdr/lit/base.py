@@ -75,9 +75,9 @@ class VdrModule(L.LightningModule):
 
         self._unsharded = shard_module(self, self.device_mesh, getattr(self.trainer.strategy, "sharding", None))
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # FSDP reduces the gradients of sharded weights; average the few it does not hold (a learnable temperature)
-        # before clipping and the step, as DDP would.
+    def on_after_backward(self) -> None:
+        # FSDP reduces the gradients of sharded weights in the backward; average the few it does not hold (a learnable
+        # temperature) right after it, as DDP would, so clipping, callbacks and the step see synchronised gradients.
         if self._unsharded and dist.is_initialized():
             for param in self._unsharded:
                 if param.grad is not None:
