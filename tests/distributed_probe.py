@@ -73,7 +73,8 @@ class Probe(L.Callback):
         for callback in trainer.callbacks:
             metrics.update(getattr(callback, "last_metrics", {}))
         with open(os.path.join(self.output, f"rank{trainer.global_rank}.json"), "w") as handle:
-            json.dump({"losses": self.losses, "metrics": metrics, "world_size": trainer.world_size}, handle)
+            json.dump({"losses": self.losses, "metrics": metrics, "world_size": trainer.world_size,
+                       "inference_mode": trainer.validate_loop.inference_mode}, handle)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._write(trainer)

@@ -258,6 +258,16 @@ def test_reranker_trains_under_ddp_and_fsdp_and_evaluates_as_one_process(synth, 
     for rank in ddp:
         for name in ("rerank_ndcg@10", "rerank_mrr@10", "rerank_recall@1", "first_stage_ndcg@10"):
             assert rank["metrics"][name] == pytest.approx(one["metrics"][name], abs=1e-6), name
+    # The FSDP run's sharded checkpoint validated under FSDP with no model config: the module class and its
+    # arguments come from the checkpoint directory's metadata, and the metrics are the run's own.
+    sharded = tmp_path / "checkpoints/fsdp/version_0/checkpoints/last.ckpt"
+    no_model = [part for name in ("trainer/default", "trainer/cpu", "callbacks/rerank")
+                for part in ("--config", str(REPO / f"configs/{name}.yaml"))]
+    vdr("validate", *no_model, "--data", "vdr.data.datamodule.RerankDataModule", *common[len(RERANK_STACK):],
+        "--trainer.devices", "2", *FSDP, "--ckpt_path", str(sharded), *probe_args(tmp_path / "sharded"), cwd=tmp_path)
+    for rank, run in zip(ranks(tmp_path / "sharded"), fsdp):
+        assert rank["inference_mode"] is False  # FSDP2's buffers must not become inference tensors (GPU runs)
+        assert rank["metrics"]["rerank_ndcg@10"] == pytest.approx(run["metrics"]["rerank_ndcg@10"], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------

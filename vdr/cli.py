@@ -45,6 +45,24 @@ class VdrCLI(LightningCLI):
             help="Run one validation before the first training step (logged at step 0).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI rebuilds the module from a checkpoint file's hyperparameters (with its class, `_class_path`);
+        # an FSDP run's checkpoint is a directory whose hyperparameters live in its metadata file: read them there.
+        from vdr.lit.checkpoint import SHARDED_METADATA
+
+        subcommand = self.config.get("subcommand")
+        path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not path or not os.path.isfile(os.path.join(path, SHARDED_METADATA)):
+            return super()._parse_ckpt_path()
+        import torch
+
+        metadata = torch.load(os.path.join(path, SHARDED_METADATA), map_location="cpu", weights_only=True)
+        hparams = {k: v for k, v in metadata.get("hyper_parameters", {}).items() if k != "_instantiator"}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_fit(self) -> None:
         if self.config_init[self.subcommand].get("validate_before_fit"):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)

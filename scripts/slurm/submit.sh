@@ -6,7 +6,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VDR="${VDR:-.venv/bin/vdr}"
-PYTHON="${PYTHON:-$(dirname "$VDR")/python}"
+PYTHON="${PYTHON:-$(dirname "$(command -v "$VDR")")/python}"
 config="$("$VDR" "$@" --print_config)"
 sizes="$(echo "$config" | "$PYTHON" -c '
 import sys, yaml

@@ -221,13 +221,21 @@ class RerankDataModule(RetrievalDataModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.eval_set is not None and self.candidates is None:
-            if self.candidates_source:
-                self.candidates = run_file_candidates(self.candidates_source, self.eval_set, self.num_candidates)
-            elif self.retriever:
-                self.candidates = retriever_candidates(self.retriever, self.eval_set, self.num_candidates)
-            else:
-                self.candidates = sampled_candidates(self.eval_set, self.num_candidates, self.seed)
+            strategy = self.trainer.strategy if self.trainer is not None else None
+            if strategy is None or strategy.global_rank == 0:
+                self.candidates = self._candidates()
+            if strategy is not None and strategy.world_size > 1:
+                # One rank computes the lists (a retriever's top-k once, not on every GPU) and all share them, so
+                # every rank's pair indices mean the same pairs.
+                self.candidates = strategy.broadcast(self.candidates)
             rank_zero_info(f"reranking {self.candidates.num_pairs} candidate pairs: {self.candidates.source}")
+
+    def _candidates(self) -> Candidates:
+        if self.candidates_source:
+            return run_file_candidates(self.candidates_source, self.eval_set, self.num_candidates)
+        if self.retriever:
+            return retriever_candidates(self.retriever, self.eval_set, self.num_candidates)
+        return sampled_candidates(self.eval_set, self.num_candidates, self.seed)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.candidates is None:

@@ -73,6 +73,11 @@ class VdrModule(L.LightningModule):
             return
         from vdr.distributed.fsdp import shard_module
 
+        # `trainer.validate/test/predict` run under torch.inference_mode (except on gloo): FSDP2's first all-gather
+        # there would allocate its reusable buffers as inference tensors, and the next training forward fails
+        # ("Inplace update to inference tensor outside InferenceMode"). Lightning exempts its FSDPStrategy, not FSDP2.
+        for loop in (self.trainer.validate_loop, self.trainer.test_loop, self.trainer.predict_loop):
+            loop.inference_mode = False
         self._unsharded = shard_module(self, self.device_mesh, getattr(self.trainer.strategy, "sharding", None))
 
     def on_after_backward(self) -> None:

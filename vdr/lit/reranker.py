@@ -108,7 +108,7 @@ class RerankerModule(VdrModule):
         loss = self.loss(scores, batch.labels, mask=batch.mask, teacher=batch.teacher)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)  # mean over ranks
         return loss
 
     def validation_step(self, batch: ScoreBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
