@@ -22,6 +22,9 @@ TINY_PIXELS = 64 * 64  # 4 visual tokens per page: the tiny model reads them in 
 # The tiny config stack the CLI tests run (`vdr fit` with these files, then per-test flags).
 STACK = ["--config", str(REPO / "configs/trainer/default.yaml"), "--config", str(REPO / "configs/trainer/cpu.yaml"),
          "--config", str(REPO / "configs/callbacks/default.yaml"), "--config", str(REPO / "configs/model/tiny.yaml")]
+# The tiny reranker's stack (its model and data classes, the rerank callback).
+RERANK_STACK = [part for name in ("trainer/default", "trainer/cpu", "callbacks/rerank", "model/reranker-tiny")
+                for part in ("--config", str(REPO / f"configs/{name}.yaml"))]
 
 
 def data_args(synth: Path) -> list[str]:

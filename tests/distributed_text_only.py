@@ -16,7 +16,7 @@ from PIL import Image
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
-import vdr.models.biencoder
+import vdr.distributed.collectives
 from vdr.distributed.fsdp import shard_module
 from vdr.lit.base import BackboneConfig
 from vdr.lit.biencoder import BiEncoderModule
@@ -27,7 +27,7 @@ def main(mode: str, guard: bool) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     if not guard:
-        vdr.models.biencoder.world = lambda: (0, 1)  # the model believes it runs alone: no idle vision pass
+        vdr.distributed.collectives.world = lambda: (0, 1)  # the model believes it runs alone: no idle vision pass
     module = BiEncoderModule(BackboneConfig("tiny", min_pixels=64 * 64, max_pixels=64 * 64))
     collate = module.collator
     if rank == 0:

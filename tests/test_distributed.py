@@ -20,7 +20,7 @@ from datasets import Dataset, Image, load_from_disk
 
 from vdr.data.synth import generate
 
-from .conftest import REPO, STACK, TINY_SYNTH, data_args
+from .conftest import REPO, RERANK_STACK, STACK, TINY_SYNTH, data_args
 
 TESTS = Path(__file__).resolve().parent
 PER_RANK_BATCH = 4
@@ -232,8 +232,6 @@ def test_distributed_ndcg_equals_one_process(strategy, synth, one_process, odd_e
 # The reranker under DDP and FSDP
 # ---------------------------------------------------------------------------------------------------------------
 
-RERANK_STACK = [part for name in ("trainer/default", "trainer/cpu", "callbacks/rerank", "model/reranker-tiny")
-                for part in ("--config", str(REPO / f"configs/{name}.yaml"))]
 
 
 def test_reranker_trains_under_ddp_and_fsdp_and_evaluates_as_one_process(synth, odd_eval, tmp_path) -> None:

@@ -21,10 +21,7 @@ from vdr.export.command import export_checkpoint
 from vdr.lit.checkpoint import read_checkpoint
 from vdr.lit.reranker import RerankerModule
 
-from .conftest import REPO, data_args, fit_tiny, scalars
-
-RERANK_STACK = [part for name in ("trainer/default", "trainer/cpu", "callbacks/rerank", "model/reranker-tiny")
-                for part in ("--config", str(REPO / f"configs/{name}.yaml"))]
+from .conftest import RERANK_STACK, data_args, fit_tiny, scalars
 
 
 def fit_reranker(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Path:

@@ -48,11 +48,11 @@ class VdrCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI rebuilds the module from a checkpoint file's hyperparameters (with its class, `_class_path`);
         # an FSDP run's checkpoint is a directory whose hyperparameters live in its metadata file: read them there.
-        from vdr.lit.checkpoint import SHARDED_METADATA
+        from vdr.lit.checkpoint import SHARDED_METADATA, is_sharded_checkpoint
 
         subcommand = self.config.get("subcommand")
         path = subcommand and self.config[subcommand].get("ckpt_path")
-        if not path or not os.path.isfile(os.path.join(path, SHARDED_METADATA)):
+        if not path or not is_sharded_checkpoint(path):
             return super()._parse_ckpt_path()
         import torch
 

@@ -89,9 +89,9 @@ def model_route(model: str) -> Literal["checkpoint", "sentence-transformers", "h
     """How a model argument of ``vdr evaluate`` loads: a ``vdr fit`` checkpoint (a file, or an FSDP run's sharded
     directory), a Sentence Transformers directory or hub repository (``modules.json``), or a plain Hugging Face
     directory or hub id."""
-    from vdr.lit.checkpoint import SHARDED_METADATA
+    from vdr.lit.checkpoint import is_sharded_checkpoint
 
-    if os.path.isfile(model) or os.path.isfile(os.path.join(model, SHARDED_METADATA)):
+    if os.path.isfile(model) or is_sharded_checkpoint(model):
         return "checkpoint"
     if not os.path.isdir(model) and "/" not in model:
         raise FileNotFoundError(f"{model} is neither a checkpoint file, a directory, nor a hub id (owner/name)")

@@ -35,7 +35,7 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
     Returns:
         The checkpoint dict (``hyper_parameters``, ``state_dict``, ``callbacks``, ...).
     """
-    if not os.path.isfile(path) and not os.path.isfile(os.path.join(path, SHARDED_METADATA)):
+    if not os.path.isfile(path) and not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist (neither a file nor a sharded checkpoint directory "
                                 f"with {SHARDED_METADATA})")
     try:
@@ -59,6 +59,11 @@ def read_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict[st
 
 
 SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded (FSDP) checkpoint directory."""
+    return os.path.isfile(os.path.join(path, SHARDED_METADATA))
 
 
 def _read_sharded(folder: Path) -> dict[str, Any]:

@@ -242,6 +242,16 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"vision": vision, "embeddings": embed, "text": text}
 
 
+def trunk_hidden_states(trunk: Qwen3VLModel, inputs) -> torch.Tensor:
+    """``[B, L, D]`` last hidden states of ``inputs`` (``EncoderInputs``); with several ranks, a text-only batch also
+    runs the vision tower idly (first, as an image batch would), so every rank's collectives line up."""
+    from vdr.distributed.collectives import world
+
+    idle = idle_vision_term(trunk) if inputs.pixel_values is None and world()[1] > 1 else None
+    hidden = trunk(**inputs.model_kwargs(), use_cache=False).last_hidden_state
+    return hidden if idle is None else hidden + idle
+
+
 def idle_vision_term(trunk: Qwen3VLModel) -> torch.Tensor:
     """A zero that depends on every vision parameter: run the vision tower on one blank 32x32 image.
 

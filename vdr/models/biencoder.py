@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vdr.distributed.collectives import world
-from vdr.models.backbone import idle_vision_term
+from vdr.models.backbone import trunk_hidden_states
 from vdr.models.inputs import EncoderInputs
 from vdr.models.pooling import last_token_pool
 
@@ -33,10 +32,5 @@ class BiEncoder(nn.Module):
 
     def forward(self, inputs: EncoderInputs, normalize: bool = True) -> torch.Tensor:
         """Returns ``[B, D]`` float32 embeddings (unit norm unless ``normalize`` is false)."""
-        # Text-only batch with other ranks: run the vision tower anyway (first, as an image batch would), so every
-        # rank's collectives line up.
-        idle = idle_vision_term(self.backbone) if inputs.pixel_values is None and world()[1] > 1 else None
-        hidden = self.backbone(**inputs.model_kwargs(), use_cache=False).last_hidden_state  # [B, L, D]
-        if idle is not None:
-            hidden = hidden + idle
+        hidden = trunk_hidden_states(self.backbone, inputs)  # [B, L, D]
         return last_token_pool(hidden, inputs.attention_mask, normalize=normalize)  # [B, D]

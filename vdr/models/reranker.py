@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vdr.distributed.collectives import world
-from vdr.models.backbone import idle_vision_term
+from vdr.models.backbone import trunk_hidden_states
 from vdr.models.inputs import EncoderInputs
 from vdr.models.pooling import last_token_index
 
@@ -43,11 +42,7 @@ class Reranker(nn.Module):
 
     def last_hidden(self, inputs: EncoderInputs) -> torch.Tensor:
         """``[B, D]`` final hidden state (after the last norm) of each sequence's last attended token."""
-        # Text-only pairs with other ranks: run the vision tower anyway, so collectives line up (see BiEncoder).
-        idle = idle_vision_term(self.backbone.model) if inputs.pixel_values is None and world()[1] > 1 else None
-        hidden = self.backbone.model(**inputs.model_kwargs(), use_cache=False).last_hidden_state  # [B, L, D]
-        if idle is not None:
-            hidden = hidden + idle
+        hidden = trunk_hidden_states(self.backbone.model, inputs)  # [B, L, D]
         index = last_token_index(inputs.attention_mask)  # [B]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # [B, D]
 
