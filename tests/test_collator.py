@@ -97,4 +97,19 @@ def test_head_keeps_exactly_the_first_sequences_images(processor) -> None:
     assert torch.equal(head.image_grid_thw, first.image_grid_thw)
     width = first.input_ids.shape[1]
     assert torch.equal(head.input_ids[:, :width], first.input_ids)
-    assert head.attention_mask[:, width:].sum() == 0  # only padding beyond the shorter batch's width
+    assert head.input_ids.shape[1] == width  # trimmed to its own longest sequence
+
+
+def test_chunks_hold_exactly_their_sequences_and_images(processor) -> None:
+    collator = EmbeddingCollator(processor)
+    images = [_page(size, i) for i, size in enumerate(SIZES)]
+    texts = [None, "a caption", None, "another, longer caption of the page", None, "six"]
+    everything = collator.encode_pages(images, "d", texts)
+    chunks = everything.chunks(2)
+    assert [len(c) for c in chunks] == [min(2, len(images) - i) for i in range(0, len(images), 2)]
+    for i, chunk in zip(range(0, len(images), 2), chunks):
+        alone = collator.encode_pages(images[i : i + 2], "d", texts[i : i + 2])  # the collator's own padding
+        for name in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+            assert torch.equal(getattr(chunk, name), getattr(alone, name)), (i, name)
+    queries = collator.encode_texts(["q one", "a longer query two", "q3"], "q").chunks(2)
+    assert queries[1].pixel_values is None and queries[1].input_ids.shape == (1, queries[1].attention_mask.sum())

@@ -20,6 +20,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from vdr.models.backbone import set_gradient_checkpointing
+
 
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
@@ -104,7 +106,7 @@ def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[t
     )
     trunk = module.trunk
     if options.activation_checkpointing:
-        trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_gradient_checkpointing(trunk, text=True, vision=True)
     kwargs = {"mesh": dp_mesh, "mp_policy": policy, "reshard_after_forward": options.reshard_after_forward}
     for unit in [*trunk.visual.blocks, *trunk.language_model.layers]:
         fully_shard(unit, **kwargs)

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
 from vdr.lit.schedule import Decay, warmup_decay
+from vdr.models.backbone import set_gradient_checkpointing
+from vdr.models.lora import LoraOptions, add_lora
 
 
 @dataclass
@@ -100,6 +102,18 @@ class VdrModule(L.LightningModule):
             trunk.visual.requires_grad_(False)
         if token_embeddings:
             trunk.get_input_embeddings().requires_grad_(False)
+
+    def _adapt(self, lora: LoraOptions | None, *, checkpoint_text: bool, checkpoint_vision: bool,
+               freeze_vision: bool) -> None:
+        """Adds LoRA adapters to ``self.model.backbone`` and switches gradient checkpointing per tower."""
+        trunk = self.trunk  # the same module before and after peft wraps the backbone (adapters are injected into it)
+        if lora is not None:
+            if freeze_vision and lora.vision != "frozen":
+                raise ValueError(f"freeze_vision is set but lora.vision is {lora.vision!r}; choose one")
+            self.model.backbone = add_lora(self.model.backbone, lora)  # freezes every base weight
+            if lora.vision == "trained":
+                trunk.visual.requires_grad_(True)
+        set_gradient_checkpointing(trunk, text=checkpoint_text, vision=checkpoint_vision)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> VdrModule:

@@ -6,19 +6,24 @@ steps only embed: the retrieval callback owns the corpus ranking and the metrics
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
 from vdr.distributed.collectives import all_gather_uneven, gather_with_grad
 from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
+from vdr.lit.gradcache import CachedEmbeddings
 from vdr.lit.schedule import Decay
 from vdr.losses.contrastive import InfoNCELoss
 from vdr.models.backbone import load_backbone
 from vdr.models.biencoder import BiEncoder
+from vdr.models.inputs import EncoderInputs
+from vdr.models.lora import LoraOptions, lora_hparams
 from vdr.models.prompts import EmbeddingPrompts
 
 CHECKPOINT_KIND = "biencoder"
@@ -44,11 +49,17 @@ class BiEncoderModule(VdrModule):
             alike), which hard negatives slow down; a pretrained backbone wants 0.
         global_negatives: Under DDP or FSDP, score each query against the documents of every rank (gathered with
             gradients), as one process with the global batch would. False keeps each rank's negatives local.
+        mini_batch_size: GradCache: embed at most this many sequences per forward pass and backpropagate the loss
+            through cached embedding gradients (``vdr.lit.gradcache``): the gradients of the plain loss over the whole
+            batch, in the activation memory of one mini-batch, for one extra forward pass. None: one pass per side.
+        lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
+        gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
+        gradient_checkpointing_vision: Recompute each vision block in the backward.
 
     Global negatives and gradient accumulation: each micro-batch is its own contrastive problem over the documents
     of all ranks for that micro-batch (``world size x per-device batch x (1 + k)`` documents); the accumulated
     gradient is the mean over micro-batches. Negatives never cross micro-batches: for one softmax over more documents
-    than fit at once, use a larger per-device batch with gradient caching, not accumulation.
+    than fit at once, use a larger per-device batch with ``mini_batch_size`` (GradCache), not accumulation.
     """
 
     CHECKPOINT_KIND = CHECKPOINT_KIND
@@ -67,19 +78,29 @@ class BiEncoderModule(VdrModule):
         freeze_token_embeddings: bool = False,
         hard_negatives_after_step: int = 0,
         global_negatives: bool = True,
+        mini_batch_size: int | None = None,
+        lora: LoraOptions | dict | None = None,
+        gradient_checkpointing_text: bool = False,
+        gradient_checkpointing_vision: bool = False,
     ) -> None:
         super().__init__()
         # Dicts arrive from load_from_checkpoint (hyperparameters are saved as plain data).
         if isinstance(backbone, dict):
             backbone = BackboneConfig(**backbone)
         self.backbone_config = backbone or BackboneConfig()
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1 (or null for no GradCache), got {mini_batch_size}")
+        lora, lora_dict = lora_hparams(lora)
         self.prompts = EmbeddingPrompts(**prompts) if isinstance(prompts, dict) else prompts or EmbeddingPrompts()
         self.save_hyperparameters(
             {"backbone": asdict(self.backbone_config), "prompts": asdict(self.prompts),
              "max_text_tokens": max_text_tokens, "warmup_ratio": warmup_ratio, "decay": decay,
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
              "freeze_token_embeddings": freeze_token_embeddings,
-             "hard_negatives_after_step": hard_negatives_after_step, "global_negatives": global_negatives}
+             "hard_negatives_after_step": hard_negatives_after_step, "global_negatives": global_negatives,
+             "mini_batch_size": mini_batch_size, "lora": lora_dict,
+             "gradient_checkpointing_text": gradient_checkpointing_text,
+             "gradient_checkpointing_vision": gradient_checkpointing_vision}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
         for side, saved in loaded.prompts.items():
@@ -94,7 +115,10 @@ class BiEncoderModule(VdrModule):
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
         self.hard_negatives_after_step = hard_negatives_after_step
         self.global_negatives = global_negatives
+        self.mini_batch_size = mini_batch_size
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
+        self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
+                    freeze_vision=freeze_vision)
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""
@@ -104,20 +128,70 @@ class BiEncoderModule(VdrModule):
         documents, keys = batch.documents, batch.document_keys
         if self.global_step < self.hard_negatives_after_step:
             documents, keys = documents.head(len(batch)), keys[: len(batch)]  # positives only
-        queries = self.model(batch.queries)  # [B, D]
-        documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
-        offset = 0
-        if self.global_negatives:
-            # Every rank's documents, in rank order; this rank's positives start at `offset`.
-            documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
-            keys = torch.cat(all_gather_uneven(keys))
-        loss = self.loss(queries, documents, document_keys=keys, offset=offset)
+        if self.mini_batch_size is None:
+            queries = self.model(batch.queries)  # [B, D]
+            documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
+            loss = self._loss(queries, documents, keys)
+        else:
+            loss = self._cached_loss(batch.queries, documents, keys)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
         # Averaged over ranks: with equal per-rank batches, the loss one process would compute on the global batch.
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/temperature", self.loss.temperature, batch_size=len(batch))
         return loss
+
+    def _gather(self, documents: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(documents, keys, offset)`` of every rank with global negatives (this rank's alone otherwise).
+
+        Every rank's documents come in rank order; this rank's positives start at ``offset``. The all-gather's backward
+        sums every rank's gradient for our documents and sends it back here.
+        """
+        if not self.global_negatives:
+            return documents, keys, 0
+        documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
+        return documents, torch.cat(all_gather_uneven(keys)), offset
+
+    def _loss(self, queries: torch.Tensor, documents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        documents, keys, offset = self._gather(documents, keys)
+        return self.loss(queries, documents, document_keys=keys, offset=offset)
+
+    def _cached_loss(self, queries: EncoderInputs, documents: EncoderInputs, keys: torch.Tensor) -> torch.Tensor:
+        """GradCache: the plain loss's value and gradients, one mini-batch of activations at a time.
+
+        Every mini-batch but the last is replayed and backpropagated here, without gradient synchronisation (DDP: the
+        step's one all-reduce happens in Lightning's backward of the returned tensor, over the accumulated gradients;
+        FSDP2 reduce-scatters after each replay). The returned tensor's value is the loss; its backward runs the last
+        replay and gives a learnable temperature its gradient.
+        """
+        sides = [CachedEmbeddings(self.model, side, self.mini_batch_size, self.device) for side in (queries, documents)]
+        gathered, keys, offset = self._gather(sides[1].embeddings, keys)
+        loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset)
+        loss.backward(inputs=[side.embeddings for side in sides])  # the gradient cache, through the all-gather
+        *early, last = [replay for side in sides for replay in side.replays()]  # documents (with images) last
+        # Lightning divides what training_step returns by the accumulation steps before its backward; so do we.
+        scale = 1.0 / self.trainer.accumulate_grad_batches
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 loss scaling, if any
+        strategy = self.trainer.strategy
+        with strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext():
+            for replay in early:
+                surrogate = replay.surrogate() * scale
+                (scaler.scale(surrogate) if scaler is not None else surrogate).backward()
+        # The loss again on constants: its value, and the temperature's gradient when it is learnable.
+        loss = self.loss(sides[0].embeddings.detach(), gathered.detach(), document_keys=keys, offset=offset)
+        surrogate = last.surrogate()
+        return loss + (surrogate - surrogate.detach())
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # Lightning zeroes gradients between training_step and its backward; GradCache has backpropagated most of the
+        # batch inside training_step by then, so it zeroes them after each optimizer step instead.
+        if self.mini_batch_size is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.mini_batch_size is not None:
+            optimizer.zero_grad()
 
     def validation_step(self, batch: EncodeBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         return self.model(batch.inputs)  # [B, D]; ranked by the retrieval callback

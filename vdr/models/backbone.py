@@ -279,3 +279,23 @@ def _tensors(output) -> list[torch.Tensor]:
         return [output]
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else []
     return [t for value in values for t in _tensors(value)]
+
+
+def set_gradient_checkpointing(trunk: Qwen3VLModel, *, text: bool, vision: bool) -> None:
+    """Recomputes each decoder layer (``text``) and each vision block (``vision``) in the backward instead of keeping
+    their activations: non-reentrant ``torch.utils.checkpoint``, active in training mode only. Gradients are unchanged;
+    the cost is one more forward of the checkpointed tower."""
+    for tower, enabled in ((trunk.language_model, text), (trunk.visual, vision)):
+        # transformers 5.2x renamed the switch (the old name warns); the benchmark machines' 5.17 has only the old one.
+        if hasattr(tower, "activation_checkpointing_enable"):
+            on, off, active = (tower.activation_checkpointing_enable, tower.activation_checkpointing_disable,
+                               tower.is_activation_checkpointing)
+            kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+        else:
+            on, off, active = (tower.gradient_checkpointing_enable, tower.gradient_checkpointing_disable,
+                               tower.is_gradient_checkpointing)
+            kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if enabled:
+            on(**kwargs)
+        elif active:
+            off()

@@ -24,20 +24,37 @@ class EncoderInputs:
         return self.input_ids.shape[0]
 
     def head(self, n: int, merge_area: int = 4) -> EncoderInputs:
-        """The first ``n`` sequences with exactly their images' patches (trailing padding columns may remain).
+        """The first ``n`` sequences with exactly their images' patches (see :meth:`rows`)."""
+        return self.rows(0, n, merge_area)
+
+    def rows(self, start: int, stop: int, merge_area: int = 4) -> EncoderInputs:
+        """Sequences ``start`` to ``stop - 1`` with exactly their images' patches, trimmed to their longest sequence.
 
         Args:
-            n: Sequences to keep.
+            start: First sequence kept.
+            stop: One past the last sequence kept.
             merge_area: Patches per visual token (Qwen3-VL merges 2x2).
         """
+        width = int(self.attention_mask[start:stop].sum(1).max())  # right padding beyond it is dropped
+        ids, mask, types = (t[start:stop, :width]
+                            for t in (self.input_ids, self.attention_mask, self.mm_token_type_ids))
         if self.pixel_values is None:
-            return EncoderInputs(self.input_ids[:n], self.attention_mask[:n], self.mm_token_type_ids[:n])
-        kept_tokens = int((self.mm_token_type_ids[:n] == 1).sum())
-        tokens_per_image = self.image_grid_thw.prod(-1) // merge_area  # [I]
-        images = int((tokens_per_image.cumsum(0) <= kept_tokens).sum())
-        patches = int(self.image_grid_thw[:images].prod(-1).sum())
-        return EncoderInputs(self.input_ids[:n], self.attention_mask[:n], self.mm_token_type_ids[:n],
-                             self.pixel_values[:patches], self.image_grid_thw[:images])
+            return EncoderInputs(ids, mask, types)
+        # Images are stored in sequence order: the ones before `start` hold the image tokens of the earlier rows.
+        tokens_per_row = (self.mm_token_type_ids == 1).sum(1)  # [B]
+        image_ends = (self.image_grid_thw.prod(-1) // merge_area).cumsum(0)  # [I] image-token end of each image
+        first = int((image_ends <= tokens_per_row[:start].sum()).sum())
+        last = int((image_ends <= tokens_per_row[:stop].sum()).sum())
+        if first == last:
+            return EncoderInputs(ids, mask, types)
+        patch_ends = self.image_grid_thw.prod(-1).cumsum(0)  # [I]
+        begin = int(patch_ends[first - 1]) if first else 0
+        return EncoderInputs(ids, mask, types, self.pixel_values[begin : int(patch_ends[last - 1])],
+                             self.image_grid_thw[first:last])
+
+    def chunks(self, size: int, merge_area: int = 4) -> list[EncoderInputs]:
+        """Consecutive groups of at most ``size`` sequences (see :meth:`rows`)."""
+        return [self.rows(i, min(i + size, len(self)), merge_area) for i in range(0, len(self), size)]
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``Qwen3VLModel.forward``."""

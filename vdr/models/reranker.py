@@ -13,6 +13,7 @@ from torch import nn
 
 from vdr.models.backbone import trunk_hidden_states
 from vdr.models.inputs import EncoderInputs
+from vdr.models.lora import unwrap
 from vdr.models.pooling import last_token_index
 
 
@@ -25,7 +26,7 @@ class Reranker(nn.Module):
     """A ``Qwen3VLForConditionalGeneration`` scored by its yes/no logits at the last token.
 
     Args:
-        backbone: The Qwen3-VL with its LM head.
+        backbone: The Qwen3-VL with its LM head, or a peft model around one.
         yes_token_id: Token whose logit means relevant (Qwen: "yes" = 9693).
         no_token_id: Token whose logit means not relevant (Qwen: "no" = 2152).
     """
@@ -38,18 +39,19 @@ class Reranker(nn.Module):
     @property
     def trunk(self) -> nn.Module:
         """The ``Qwen3VLModel`` under the LM head (vision tower + decoder)."""
-        return self.backbone.model
+        return unwrap(self.backbone).model
 
     def last_hidden(self, inputs: EncoderInputs) -> torch.Tensor:
         """``[B, D]`` final hidden state (after the last norm) of each sequence's last attended token."""
-        hidden = trunk_hidden_states(self.backbone.model, inputs)  # [B, L, D]
+        hidden = trunk_hidden_states(self.trunk, inputs)  # [B, L, D]
         index = last_token_index(inputs.attention_mask)  # [B]
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # [B, D]
 
     def yes_no_logits(self, inputs: EncoderInputs) -> torch.Tensor:
         """``[B, 2]`` LM-head logits of "yes" and "no" at the last token, in float32."""
-        rows = self.backbone.lm_head.weight[[self.yes_token_id, self.no_token_id]]  # [2, D]
-        bias = self.backbone.lm_head.bias
+        head = unwrap(self.backbone).lm_head
+        rows = head.weight[[self.yes_token_id, self.no_token_id]]  # [2, D]
+        bias = head.bias
         logits = self.last_hidden(inputs).float() @ rows.float().T  # [B, 2]
         if bias is not None:
             logits = logits + bias[[self.yes_token_id, self.no_token_id]].float()

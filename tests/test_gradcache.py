@@ -1,0 +1,172 @@
+"""Same maths, less memory: GradCache and gradient checkpointing give the plain step's loss and gradients.
+
+Each equivalence runs one real Lightning optimizer step of the tiny bi-encoder on synthetic rows with a hard negative
+(two of which are other rows' positives: false negatives masked in the loss) and a learnable temperature, and compares
+every parameter's gradient at the optimizer step. The distributed versions (2 ranks with GradCache vs 1 plain
+process, DDP and FSDP2) are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from datasets import Dataset, Image, load_from_disk
+
+from vdr.data.datamodule import RetrievalDataModule
+from vdr.lit.biencoder import BackboneConfig, BiEncoderModule
+from vdr.lit.gradcache import CachedEmbeddings, RandomState
+from vdr.losses.contrastive import InfoNCELoss
+
+from .conftest import TINY_PIXELS
+
+
+class Gradients(L.Callback):
+    """Keeps the loss of each batch and every gradient at the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def rows8(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 training rows with one hard negative; rows 7 and 2 have another row's positive as their negative."""
+    table = load_from_disk(str(tiny_synth / "train")).select(range(8))
+    table = table.cast_column("image", Image(decode=False)).cast_column("negative_0", Image(decode=False))
+    rows = table.to_dict()
+    rows["negative_0"][7], rows["negative_0"][2] = rows["image"][0], rows["image"][5]
+    out = tmp_path_factory.mktemp("rows8") / "train"
+    Dataset.from_dict(rows, features=table.features).cast_column("image", Image()).cast_column(
+        "negative_0", Image()).save_to_disk(str(out))
+    return out
+
+
+def one_step(rows: Path, batch_size: int = 8, accumulate: int = 1, **module_args) -> Gradients:
+    """One optimizer step over ``accumulate`` batches; the recorded losses and gradients."""
+    L.seed_everything(0)
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
+                             loss=InfoNCELoss(learnable_temperature=True), **module_args)
+    probe = Gradients()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                        accumulate_grad_batches=accumulate, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows), batch_size=batch_size))
+    return probe
+
+
+def assert_same_gradients(ours: Gradients, reference: Gradients) -> None:
+    assert ours.losses == pytest.approx(reference.losses, abs=1e-6)
+    assert ours.grads.keys() == reference.grads.keys() and "loss.log_scale" in ours.grads
+    for name, grad in reference.grads.items():
+        torch.testing.assert_close(ours.grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def plain(rows8: Path) -> Gradients:
+    return one_step(rows8)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3])
+def test_gradcache_gives_the_plain_loss_and_gradients(rows8: Path, plain: Gradients, mini_batch_size: int) -> None:
+    # 8 queries and 16 pages in mini-batches of 1 or 3 (the last one shorter), one replay at a time.
+    assert_same_gradients(one_step(rows8, mini_batch_size=mini_batch_size), plain)
+
+
+def test_gradcache_under_gradient_accumulation_gives_the_plain_accumulated_gradients(rows8: Path) -> None:
+    reference = one_step(rows8, batch_size=4, accumulate=2)
+    assert len(reference.losses) == 2
+    assert_same_gradients(one_step(rows8, batch_size=4, accumulate=2, mini_batch_size=3), reference)
+
+
+def test_gradient_checkpointing_changes_no_gradient_and_recomputes_each_layer(rows8: Path, plain: Gradients) -> None:
+    calls = {"text": 0, "vision": 0}
+
+    class CountLayerCalls(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            trunk = pl_module.trunk
+            # A module inside the checkpointed layer starts again when the layer is recomputed (a pre-hook: the
+            # recompute stops early, once it has what the backward needs).
+            for tower, layer in (("text", trunk.language_model.layers[0]), ("vision", trunk.visual.blocks[0])):
+                layer.mlp.register_forward_pre_hook(lambda *_, tower=tower: calls.__setitem__(tower, calls[tower] + 1))
+
+    L.seed_everything(0)
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
+                             loss=InfoNCELoss(learnable_temperature=True), gradient_checkpointing_text=True,
+                             gradient_checkpointing_vision=True)
+    probe = Gradients()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, CountLayerCalls()],
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows8), batch_size=8))
+    assert_same_gradients(probe, plain)
+    # Plain: one call per forward (queries and pages for text; pages for vision). Checkpointed: once more in the backward.
+    assert calls == {"text": 4, "vision": 2}
+
+
+def test_replays_draw_the_same_dropout_masks_as_the_cached_pass(tiny_backbone, processor_batch) -> None:
+    """With dropout on, GradCache's gradients equal those of embedding the same mini-batches with gradients in the same
+    order; replaying without restoring the random state gives other masks and other gradients."""
+    from vdr.models.biencoder import BiEncoder
+
+    model = BiEncoder(tiny_backbone.model).train()
+    for layer in model.trunk.language_model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    inputs = processor_batch
+    loss_fn = InfoNCELoss()
+
+    def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
+        return loss_fn(embeddings[:3], embeddings[3:])  # the first 3 as queries against the other 3
+
+    torch.manual_seed(7)
+    plain = loss_of(torch.cat([model(chunk) for chunk in inputs.chunks(2)]))
+    plain.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def cached_gradients(restore: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(7)
+        cache = CachedEmbeddings(model, inputs, 2, torch.device("cpu"))
+        loss = loss_of(cache.embeddings)
+        torch.testing.assert_close(loss, plain)
+        loss.backward()
+        with pytest.MonkeyPatch.context() as patch:
+            if not restore:
+                patch.setattr(RandomState, "restored", lambda self: nullcontext())
+            for replay in cache.replays():
+                replay.surrogate().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    replayed = cached_gradients(restore=True)
+    for name, grad in expected.items():
+        torch.testing.assert_close(replayed[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    wrong = cached_gradients(restore=False)
+    assert any(not torch.allclose(wrong[n], g, atol=1e-6, rtol=1e-4) for n, g in expected.items())
+
+
+@pytest.fixture
+def processor_batch(tiny_backbone):
+    """6 pages, some with text: one batch, chunked unevenly by the tests."""
+    from PIL import Image as PILImage
+
+    from vdr.data.collator import EmbeddingCollator
+
+    collator = EmbeddingCollator(tiny_backbone.processor)
+    pages = [PILImage.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(6)]
+    texts = ["revenue 2015", "profit of Acme", None, "a longer caption for this page", None, "x"]
+    return collator.encode_pages(pages, "Represent the page.", texts)
+
+
+def test_gradcache_refuses_a_mini_batch_below_one() -> None:
+    with pytest.raises(ValueError, match="mini_batch_size must be >= 1"):
+        BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=0)
