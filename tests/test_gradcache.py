@@ -52,11 +52,12 @@ def rows8(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def one_step(rows: Path, batch_size: int = 8, accumulate: int = 1, **module_args) -> Gradients:
+def one_step(rows: Path, batch_size: int = 8, accumulate: int = 1, loss: InfoNCELoss | None = None,
+             **module_args) -> Gradients:
     """One optimizer step over ``accumulate`` batches; the recorded losses and gradients."""
     L.seed_everything(0)
     module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
-                             loss=InfoNCELoss(learnable_temperature=True), **module_args)
+                             loss=loss or InfoNCELoss(learnable_temperature=True), **module_args)
     probe = Gradients()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
@@ -69,7 +70,8 @@ def assert_same_gradients(ours: Gradients, reference: Gradients) -> None:
     assert ours.losses == pytest.approx(reference.losses, abs=1e-6)
     assert ours.grads.keys() == reference.grads.keys() and "loss.log_scale" in ours.grads
     for name, grad in reference.grads.items():
-        torch.testing.assert_close(ours.grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        # Float32 sums in another order: within 1e-5 of the tensor's largest entry (a wrong gradient is off by O(1)).
+        torch.testing.assert_close(ours.grads[name], grad, atol=1e-5 * float(grad.abs().max()), rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")

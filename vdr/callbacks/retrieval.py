@@ -9,11 +9,16 @@ policies), so ``ModelCheckpoint(monitor="val/ndcg@10", mode="max")`` works.
 With several ranks, each embeds its shard of the queries and of the corpus. The query embeddings (``[Q, D]``) are
 gathered once, each rank keeps the top-k of its corpus shard, and only those (``[Q, k]`` scores and rows per rank) are
 gathered and merged: the corpus embeddings never leave their rank.
+
+Matryoshka: for each listed dimension ``d`` the corpus is also ranked with the embeddings truncated to their first
+``d`` dimensions and renormalised (how Sentence Transformers' ``truncate_dim`` serves them), one more running top-k
+per ``d``, and ``val/ndcg@10_d{d}`` is logged; at the full size it is ``val/ndcg@10`` itself.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vdr.callbacks.evaluation import EvaluationCallback
@@ -30,19 +35,42 @@ class RetrievalEvaluator(EvaluationCallback):
     Args:
         k: Documents kept per query (at least 10; more lets later stages rerank).
         prefix: Metric name prefix.
+        dims: Matryoshka dimensions to also evaluate (``ndcg@10_d{d}``); default: the module loss's ``dims`` when it
+            has them (``MatryoshkaLoss``), else none.
     """
 
-    def __init__(self, k: int = 100, prefix: str = "val/") -> None:
+    def __init__(self, k: int = 100, prefix: str = "val/", dims: list[int] | None = None) -> None:
         if k < 10:
             raise ValueError(f"k must be at least 10 for NDCG@10, got {k}")
+        if dims is not None and any(d <= 0 for d in dims):
+            raise ValueError(f"dims must be positive, got {dims}")
         super().__init__()
-        self.k, self.prefix = k, prefix
+        self.k, self.prefix, self.dims = k, prefix, dims
         self._query_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._topk: RunningTopK | None = None
+        self._truncated: dict[int, RunningTopK] = {}  # d -> top-k by the first d dimensions; d < full size only
+        self._eval_dims: list[int] = []
         self.last_ranking: torch.Tensor | None = None
 
     def _reset(self) -> None:
-        self._query_chunks, self._topk = [], None
+        self._query_chunks, self._topk, self._truncated, self._eval_dims = [], None, {}, []
+
+    def _resolve_dims(self, pl_module, embedding_dim: int) -> list[int]:
+        """The dimensions to evaluate, largest first: ours, else the loss's."""
+        dims = self.dims if self.dims is not None else getattr(getattr(pl_module, "loss", None), "dims", None)
+        too_large = [d for d in dims or [] if d > embedding_dim]
+        if too_large:
+            raise ValueError(f"RetrievalEvaluator dims {too_large} exceed the embedding size {embedding_dim}")
+        return sorted(set(dims or []), reverse=True)
+
+    def _merged_ranking(self, topk: RunningTopK) -> torch.Tensor:
+        """``[Q, k]`` corpus rows: every rank's top-k of its corpus shard merged (one process: just its own)."""
+        scores, rows = topk.result()  # [Q, <=k]; gathered as [k, Q] (along k, which may differ between ranks)
+        merged = RunningTopK(topk.queries, self.k)
+        parts = zip(all_gather_uneven(scores.T.contiguous()), all_gather_uneven(rows.T.contiguous()))
+        for part_scores, part_rows in parts:
+            merged.merge(part_scores.T, part_rows.T)
+        return merged.result()[1]
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
@@ -60,21 +88,20 @@ class RetrievalEvaluator(EvaluationCallback):
             queries = torch.empty_like(query_embeddings)  # [Q, D]
             queries[query_rows] = query_embeddings
             self._topk = RunningTopK(queries, self.k)
+            self._eval_dims = self._resolve_dims(pl_module, queries.shape[1])
+            self._truncated = {d: RunningTopK(_truncate(queries, d), self.k)
+                               for d in self._eval_dims if d < queries.shape[1]}
             self._query_chunks = []
         self._topk.update(embeddings, index)
+        for d, topk in self._truncated.items():
+            topk.update(_truncate(embeddings, d), index)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or self._topk is None:
             self._reset()
             return
         eval_set = trainer.datamodule.eval_set
-        # Merge every rank's top-k of its corpus shard (one process: just its own); [k, Q] gathers along k.
-        scores, rows = self._topk.result()  # [Q, <=k]
-        merged = RunningTopK(self._topk.queries, self.k)
-        parts = zip(all_gather_uneven(scores.T.contiguous()), all_gather_uneven(rows.T.contiguous()))
-        for part_scores, part_rows in parts:
-            merged.merge(part_scores.T, part_rows.T)
-        _, ranked = merged.result()
+        ranked = self._merged_ranking(self._topk)
         if ranked.shape[0] != len(eval_set.qrels):
             raise RuntimeError(f"ranked {ranked.shape[0]} queries, the eval set has {len(eval_set.qrels)}")
         metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(eval_set.corpus_ids))
@@ -84,9 +111,22 @@ class RetrievalEvaluator(EvaluationCallback):
         for name in ("ndcg@10", "mrr@10", "recall@1", "recall@10"):
             # Every rank holds the same value; sync_dist averages equal numbers (and keeps Lightning quiet).
             pl_module.log(f"{prefix}{name}", metrics[name], prog_bar=True, sync_dist=True)
-        self.last_metrics = {"step": trainer.global_step, **metrics}
+        by_dim = {}
+        for d in self._eval_dims:
+            truncated = self._truncated.get(d)
+            by_dim[f"ndcg@10_d{d}"] = metrics["ndcg@10"] if truncated is None else retrieval_metrics(
+                self._merged_ranking(truncated), eval_set.qrels, corpus_size=len(eval_set.corpus_ids))["ndcg@10"]
+        for name, value in by_dim.items():
+            pl_module.log(f"{prefix}{name}", value, sync_dist=True)
+        self.last_metrics = {"step": trainer.global_step, **metrics, **by_dim}
         self.last_ranking = ranked.cpu()
         rank_zero_info(
             f"step {trainer.global_step}: " + ", ".join(f"{n} {metrics[n]:.4f}" for n in ("ndcg@10", "recall@1"))
+            + "".join(f", {n} {v:.4f}" for n, v in by_dim.items())
         )
         self._reset()
+
+
+def _truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[N, dim]``: the first ``dim`` dimensions, renormalised to unit length."""
+    return F.normalize(embeddings[:, :dim].float(), dim=-1)

@@ -20,6 +20,7 @@ from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.gradcache import CachedEmbeddings
 from vdr.lit.schedule import Decay
 from vdr.losses.contrastive import InfoNCELoss
+from vdr.losses.matryoshka import MatryoshkaLoss
 from vdr.models.backbone import load_backbone
 from vdr.models.biencoder import BiEncoder
 from vdr.models.inputs import EncoderInputs
@@ -112,6 +113,8 @@ class BiEncoderModule(VdrModule):
         self.processor = loaded.processor
         self.collator = EmbeddingCollator(self.processor, self.prompts, max_text_tokens)
         self.loss = loss or InfoNCELoss()
+        if isinstance(self.loss, MatryoshkaLoss):
+            self.loss.check_dim(self.model.embedding_dim)  # a prefix longer than the embedding fails now, not at step 1
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
         self.hard_negatives_after_step = hard_negatives_after_step
         self.global_negatives = global_negatives
