@@ -112,7 +112,7 @@ def test_gradient_checkpointing_changes_no_gradient_and_recomputes_each_layer(ro
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows8), batch_size=8))
     assert_same_gradients(probe, plain)
-    # Plain: one call per forward (queries and pages for text; pages for vision). Checkpointed: once more in the backward.
+    # One call per forward (text: queries and pages; vision: pages), and once more in the backward when checkpointed.
     assert calls == {"text": 4, "vision": 2}
 
 

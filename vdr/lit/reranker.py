@@ -16,6 +16,7 @@ from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.schedule import Decay
 from vdr.losses.ranking import ListwiseCE, RankingLoss
 from vdr.models.backbone import load_backbone
+from vdr.models.lora import LoraOptions, lora_hparams
 from vdr.models.processor import DEFAULT_RERANK_INSTRUCTION
 from vdr.models.reranker import Reranker, yes_no_token_ids
 
@@ -40,6 +41,9 @@ class RerankerModule(VdrModule):
         freeze_vision: Keep the vision tower's weights fixed.
         freeze_token_embeddings: Keep the token embedding table fixed; the LM head is tied to it in Qwen3-VL-2B and
             the presets, so the yes/no rows stay fixed too and the trunk learns to point at them.
+        lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
+        gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
+        gradient_checkpointing_vision: Recompute each vision block in the backward.
     """
 
     CHECKPOINT_KIND = CHECKPOINT_KIND
@@ -57,17 +61,23 @@ class RerankerModule(VdrModule):
         min_lr_ratio: float = 0.0,
         freeze_vision: bool = False,
         freeze_token_embeddings: bool = False,
+        lora: LoraOptions | dict | None = None,
+        gradient_checkpointing_text: bool = False,
+        gradient_checkpointing_vision: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's plain-data hyperparameters
             backbone = BackboneConfig(**backbone)
         self.backbone_config = backbone or BackboneConfig()
         self.instruction = instruction
+        lora, lora_dict = lora_hparams(lora)
         self.save_hyperparameters(
             {"backbone": asdict(self.backbone_config), "instruction": instruction, "max_text_tokens": max_text_tokens,
              "batch_negatives": batch_negatives, "warmup_ratio": warmup_ratio, "decay": decay,
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
-             "freeze_token_embeddings": freeze_token_embeddings}
+             "freeze_token_embeddings": freeze_token_embeddings, "lora": lora_dict,
+             "gradient_checkpointing_text": gradient_checkpointing_text,
+             "gradient_checkpointing_vision": gradient_checkpointing_vision}
         )
         loaded = load_backbone(**asdict(self.backbone_config), lm_head=True)
         self.model = Reranker(loaded.model, *yes_no_token_ids(loaded.processor.tokenizer))
@@ -77,6 +87,8 @@ class RerankerModule(VdrModule):
         self.batch_negatives = batch_negatives
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
         self._freeze(loaded.trunk, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
+        self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
+                    freeze_vision=freeze_vision)
 
     def setup(self, stage: str) -> None:
         # Loss and data must fit each other; checked here, after the data module's setup and before any step.
