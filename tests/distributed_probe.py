@@ -1,5 +1,6 @@
 """A callback the distributed tests add to ``vdr fit`` runs in child processes: it records each rank's losses,
-gradients and metrics to files, and can swap in a wrong all-gather to show that the gradient test catches it."""
+gradients, DDP gradient all-reduces and metrics to files, and can swap in a wrong all-gather to show that the gradient
+test catches it."""
 
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ class Probe(L.Callback):
     def __init__(self, output: str, local_gradient_gather: bool = False) -> None:
         self.output, self.local_gradient_gather = output, local_gradient_gather
         self.losses: list[float] = []
+        self.reductions = 0  # DDP gradient-bucket all-reduces so far
+        self.first_step_reductions: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            def counting_hook(state, bucket):
+                self.reductions += 1
+                return allreduce_hook(state, bucket)
+
+            model.register_comm_hook(None, counting_hook)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         os.makedirs(self.output, exist_ok=True)
@@ -61,6 +76,7 @@ class Probe(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step != 0:
             return
+        self.first_step_reductions = self.reductions
         grads = {}
         for name, param in pl_module.named_parameters():
             if param.grad is not None:
@@ -74,6 +90,7 @@ class Probe(L.Callback):
             metrics.update(getattr(callback, "last_metrics", {}))
         with open(os.path.join(self.output, f"rank{trainer.global_rank}.json"), "w") as handle:
             json.dump({"losses": self.losses, "metrics": metrics, "world_size": trainer.world_size,
+                       "first_step_reductions": self.first_step_reductions,
                        "inference_mode": trainer.validate_loop.inference_mode}, handle)
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -1,0 +1,232 @@
+"""Peak memory and step time against batch size: plain InfoNCE steps vs GradCache, through the real training loop.
+
+Each setting runs ``BiEncoderModule`` under Lightning's ``Trainer.fit`` for a warmup step plus ``--steps`` timed steps
+on synthetic pages (one hard negative per query), and prints one row: samples/s, median step time and peak memory.
+A setting is ``MODE:BATCH[:MINI_BATCH][:gc]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
+sequences, gradient checkpointing in both towers).
+
+CPU, tiny preset (each setting in a fresh process; memory = peak RSS growth during the fit):
+    python scripts/bench/batch_memory.py --preset tiny --settings plain:8 plain:32 cached:32:8 cached:128:8
+GPU, the 2b layout with random weights, bf16 weights, 600x600 pages (memory = torch.cuda peak allocated):
+    python scripts/bench/batch_memory.py --preset 2b --device cuda --dtype bfloat16 --page 600 --max-pixels 360000 \
+        --settings plain:16:gc cached:64:8:gc cached:256:32:gc --reference bench_out/results.jsonl
+``--reference`` reads the reference trainer's results (``shared/bench-reference``, run in the same session) and
+prints each of our settings' throughput and memory as ratios of its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from PIL import Image, ImageDraw
+
+from vdr.data.schema import TrainExample
+from vdr.lit.biencoder import BackboneConfig, BiEncoderModule
+from vdr.models.backbone import set_gradient_checkpointing
+
+WORDS = "revenue profit margin cash flow assets equity debt growth forecast segment quarter annual report".split()
+
+
+@dataclass
+class Setting:
+    mode: str  # plain or cached
+    batch: int
+    mini_batch: int | None
+    checkpointing: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        parts = text.split(":")
+        checkpointing = parts[-1] == "gc"
+        parts = parts[:-1] if checkpointing else parts
+        if parts[0] not in ("plain", "cached") or len(parts) != (2 if parts[0] == "plain" else 3):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected plain:BATCH[:gc] or cached:BATCH:MINI_BATCH[:gc]")
+        return cls(parts[0], int(parts[1]), int(parts[2]) if parts[0] == "cached" else None, checkpointing)
+
+    def __str__(self) -> str:
+        mini = f":{self.mini_batch}" if self.mini_batch else ""
+        return f"{self.mode}:{self.batch}{mini}{':gc' if self.checkpointing else ''}"
+
+
+class Pages(torch.utils.data.Dataset):
+    """Synthetic rows: a short query, a positive and one hard-negative page (a title, text lines and a bar chart)."""
+
+    def __init__(self, rows: int, side: int) -> None:
+        self.rows, self.side = rows, side
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def page(self, seed: int) -> Image.Image:
+        image = Image.new("RGB", (self.side, self.side), "white")
+        draw = ImageDraw.Draw(image)
+        for line in range(2, self.side // 24):
+            draw.text((16, line * 20), " ".join(WORDS[(seed + line + i) % len(WORDS)] for i in range(8)), fill="black")
+        for bar in range(6):
+            height = (seed * 7 + bar * 13) % (self.side // 3)
+            draw.rectangle([self.side // 2 + bar * 20, self.side - 20 - height, self.side // 2 + bar * 20 + 14,
+                            self.side - 20], fill=(40 * bar, 90, 160))
+        return image
+
+    def __getitem__(self, row: int) -> TrainExample:
+        query = f"what was the {WORDS[row % len(WORDS)]} of company {row} in {2000 + row % 20}"
+        return TrainExample(row, query, [self.page(2 * row), self.page(2 * row + 1)], [2 * row, 2 * row + 1])
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def _sync(self, module) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self.times.append(time.perf_counter() - self.start)
+
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def build(args) -> BiEncoderModule:
+    backbone = BackboneConfig(args.preset, min_pixels=args.min_pixels, max_pixels=args.max_pixels, dtype=args.dtype,
+                              attn_implementation=args.attn)
+    fused = args.device == "cuda"  # one fused AdamW kernel: no foreach temporaries the size of the weights
+
+    def optimizer(params):
+        return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, fused=fused)
+
+    with torch.device(args.device):  # random init on the GPU: seconds instead of a minute for the 2b layout
+        return BiEncoderModule(backbone, optimizer=optimizer, warmup_ratio=0.0, decay="constant")
+
+
+def run(module: BiEncoderModule, setting: Setting, args) -> dict:
+    module.mini_batch_size = setting.mini_batch
+    set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing)
+    timer = StepTimer()
+    steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
+    data = torch.utils.data.DataLoader(Pages(setting.batch * steps, args.page), batch_size=setting.batch,
+                                       collate_fn=module.collator, num_workers=args.workers,
+                                       persistent_workers=False, prefetch_factor=4 if args.workers else None)
+    precision = "bf16-mixed" if args.device == "cuda" else "32-true"
+    trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=steps, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], limit_val_batches=0, num_sanity_val_steps=0)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = rss_gib()
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=data)
+    wall = time.perf_counter() - started
+    timed = timer.times[1:] or timer.times
+    median = statistics.median(timed)
+    record = {"setting": str(setting), **vars(setting), "preset": args.preset, "device": args.device,
+              "page": args.page, "step_s": round(median, 3), "samples_per_s": round(setting.batch / median, 3),
+              "first_step_s": round(timer.times[0], 2), "steps_timed": len(timed), "wall_s": round(wall, 1)}
+    if args.device == "cuda":
+        record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        record["gpu"] = torch.cuda.get_device_name()
+    else:
+        record["peak_rss_growth_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before, 3)
+    del trainer
+    module.zero_grad(set_to_none=True)
+    return record
+
+
+def reference_rows(path: str) -> list[dict]:
+    rows = []
+    with open(path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("samples_per_s"):
+                rows.append(record)
+    return rows
+
+
+def report(records: list[dict], reference: list[dict]) -> None:
+    memory = "peak_gib" if records and "peak_gib" in records[0] else "peak_rss_growth_gib"
+    print(f"\n{'setting':<18} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20}")
+    for r in records:
+        print(f"{r['setting']:<18} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
+              f"{r.get(memory, float('nan')):>20.2f}")
+    for ref in reference:
+        name = f"reference {ref['mode']} batch {ref.get('batch_size')}"
+        print(f"\n{name}: {ref['samples_per_s']:.2f} samples/s, peak {ref.get('peak_mem_gib')} GiB")
+        for r in records:
+            ratio = r["samples_per_s"] / ref["samples_per_s"]
+            mem = r.get("peak_gib", float("nan")) / ref["peak_mem_gib"] if ref.get("peak_mem_gib") else float("nan")
+            print(f"  {r['setting']:<18} {ratio:6.2f}x the samples/s, {mem:5.2f}x the peak memory")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--page", type=int, default=64, help="page side in pixels")
+    parser.add_argument("--min-pixels", type=int, default=28 * 28)
+    parser.add_argument("--max-pixels", type=int, default=64 * 64)
+    parser.add_argument("--settings", type=Setting.parse, nargs="+", required=True)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after one warmup step)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--out", help="append one JSON line per setting here")
+    parser.add_argument("--reference", help="the reference trainer's results.jsonl, for side-by-side ratios")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one CPU setting, in a subprocess
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    records = []
+    if args.device == "cpu" and not args.child and len(args.settings) > 1:
+        # Peak RSS only grows: each setting gets a process of its own.
+        for setting in args.settings:
+            argv = [a for a in sys.argv[1:]]
+            index = argv.index("--settings")
+            end = next((i for i in range(index + 1, len(argv)) if argv[i].startswith("--")), len(argv))
+            argv[index + 1 : end] = [str(setting)]
+            output = subprocess.run([sys.executable, __file__, *argv, "--child"], capture_output=True, text=True,
+                                    check=True).stdout
+            records.append(json.loads(output.strip().splitlines()[-1].removeprefix("RECORD ")))
+    else:
+        module = build(args)
+        print(f"built {args.preset}: {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M parameters",
+              file=sys.stderr, flush=True)
+        for setting in args.settings:
+            try:
+                record = run(module, setting, args)
+            except torch.OutOfMemoryError:
+                record = {"setting": str(setting), "error": "out of memory"}
+                torch.cuda.empty_cache()
+            records.append(record)
+            print("RECORD " + json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+        if args.child:
+            return
+    ok = [r for r in records if "error" not in r]
+    for r in records:
+        if "error" in r:
+            print(f"{r['setting']}: {r['error']}")
+    report(ok, reference_rows(args.reference) if args.reference else [])
+
+
+if __name__ == "__main__":
+    main()
