@@ -172,3 +172,18 @@ def processor_batch(tiny_backbone):
 def test_gradcache_refuses_a_mini_batch_below_one() -> None:
     with pytest.raises(ValueError, match="mini_batch_size must be >= 1"):
         BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=0)
+
+
+def test_gradcache_leaves_page_pixels_in_host_memory_until_their_mini_batch_runs(rows8: Path) -> None:
+    from vdr.data.schema import TrainRows
+    from vdr.data.sources import load_table
+
+    rows = TrainRows(load_table(str(rows8)), "rows8", num_negatives=1)
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=2)
+    batch = module.collator([rows[i] for i in range(4)])
+    moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)  # "meta": a device other than the CPU
+    assert moved.queries.input_ids.device.type == "meta" and moved.documents.input_ids.device.type == "meta"
+    assert moved.documents.pixel_values.device.type == "cpu"
+    module.mini_batch_size = None  # the plain step needs every page at once
+    batch = module.collator([rows[i] for i in range(4)])
+    assert module.transfer_batch_to_device(batch, torch.device("meta"), 0).documents.pixel_values.device.type == "meta"

@@ -185,6 +185,18 @@ class BiEncoderModule(VdrModule):
         surrogate = last.surrogate()
         return loss + (surrogate - surrogate.detach())
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        cached = self.mini_batch_size is not None and isinstance(batch, RetrievalBatch)
+        if not cached or batch.documents.pixel_values is None:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        # GradCache: page pixels stay in host memory and travel one mini-batch at a time (a batch of 64 pages of 600x600
+        # px is 1 GB of float32 patches the GPU would otherwise hold for the whole step).
+        pixels = batch.documents.pixel_values
+        batch.documents.pixel_values = None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        batch.documents.pixel_values = pixels
+        return batch
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         # Lightning zeroes gradients between training_step and its backward; GradCache has backpropagated most of the
         # batch inside training_step by then, so it zeroes them after each optimizer step instead.

@@ -58,11 +58,12 @@ class Replay:
     state: RandomState
     grad: torch.Tensor  # [b, D]
     encode: Callable[[EncoderInputs], torch.Tensor]
+    device: torch.device
 
     def surrogate(self) -> torch.Tensor:
         """A scalar whose gradient with respect to the parameters is the loss's, through this mini-batch."""
         with self.state.restored():
-            embeddings = self.encode(self.inputs)  # [b, D]
+            embeddings = self.encode(self.inputs.to(self.device))  # [b, D]
         return (embeddings * self.grad.to(embeddings.dtype)).sum()
 
 
@@ -71,7 +72,8 @@ class CachedEmbeddings:
 
     Args:
         encode: Inputs to ``[b, D]`` embeddings (the bi-encoder).
-        inputs: The side's ``B`` sequences.
+        inputs: The side's ``B`` sequences. Tensors may still be in host memory (page pixels, which a large batch
+            would otherwise hold on the GPU all step long): each mini-batch is moved to ``device`` when it runs.
         mini_batch_size: Sequences per forward pass.
         device: Where the model runs (whose random generator dropout draws from).
 
@@ -84,14 +86,14 @@ class CachedEmbeddings:
                  device: torch.device) -> None:
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        self.encode = encode
+        self.encode, self.device = encode, device
         self.chunks = inputs.chunks(mini_batch_size)
         self.states: list[RandomState] = []
         parts = []
         with torch.no_grad():
             for chunk in self.chunks:
                 self.states.append(RandomState.capture(device))
-                parts.append(encode(chunk))  # [b, D]
+                parts.append(encode(chunk.to(device)))  # [b, D]
         self.embeddings = torch.cat(parts).requires_grad_()  # [B, D]
 
     def replays(self) -> list[Replay]:
@@ -99,4 +101,5 @@ class CachedEmbeddings:
         if self.embeddings.grad is None:
             raise RuntimeError("no gradient cache: backpropagate the loss to `embeddings` first")
         grads = self.embeddings.grad.split([len(chunk) for chunk in self.chunks])
-        return [Replay(chunk, state, grad, self.encode) for chunk, state, grad in zip(self.chunks, self.states, grads)]
+        return [Replay(chunk, state, grad, self.encode, self.device)
+                for chunk, state, grad in zip(self.chunks, self.states, grads)]

@@ -56,6 +56,13 @@ class EncoderInputs:
         """Consecutive groups of at most ``size`` sequences (see :meth:`rows`)."""
         return [self.rows(i, min(i + size, len(self)), merge_area) for i in range(0, len(self), size)]
 
+    def to(self, device: torch.device | str) -> EncoderInputs:
+        """The same inputs on ``device`` (tensors already there are not copied)."""
+        moved = [None if t is None else t.to(device, non_blocking=True)
+                 for t in (self.input_ids, self.attention_mask, self.mm_token_type_ids, self.pixel_values,
+                           self.image_grid_thw)]
+        return EncoderInputs(*moved)
+
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments for ``Qwen3VLModel.forward``."""
         kwargs = {
