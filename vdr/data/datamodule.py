@@ -10,16 +10,16 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from vdr.data.batching import RowCosts, TokenBudgetBatchSampler, train_row_costs
 from vdr.data.schema import EvalSet, PairRows, TrainRows, load_eval_set
 from vdr.data.sources import load_table
-from vdr.data.synth import GENERATOR_VERSION, SynthConfig, generate
+from vdr.data.synth import GENERATOR_VERSION, SynthConfig, config_record, generate
 from vdr.evaluation.candidates import (
     Candidates,
     retriever_candidates,
@@ -55,7 +55,7 @@ class RetrievalDataModule(L.LightningDataModule):
         train: Training table: a save_to_disk directory, parquet file(s), or a hub dataset id.
         eval: Eval set: a directory holding queries/, corpus/ and qrels/, or a hub id with those configurations.
         num_negatives: Hard-negative columns per row to train with (negative_0 ..).
-        batch_size: Training queries per step per device.
+        batch_size: Training queries per step per device (with ``max_tokens_per_batch``: the most per step).
         eval_batch_size: Queries or pages embedded per eval step.
         num_workers: DataLoader worker processes (decoding and page preprocessing run there).
         verify_images: Check every image header at setup, so a corrupt file fails before training.
@@ -63,6 +63,9 @@ class RetrievalDataModule(L.LightningDataModule):
             missing, and use it for ``train`` and ``eval`` unless those are given.
         synthetic_dir: Where the synthetic data lives.
         seed: Seed of the training shuffle.
+        max_tokens_per_batch: Token-budget batching: training batches of similar-length rows whose padded decoder
+            tokens (B x longest query + B x (1 + k) x longest page) stay under this, the same number of batches on
+            every rank and in every epoch (``vdr.data.batching``). None: fixed ``batch_size`` batches.
     """
 
     def __init__(
@@ -77,11 +80,14 @@ class RetrievalDataModule(L.LightningDataModule):
         synthetic: SynthConfig | None = None,
         synthetic_dir: str = "checkpoints/data/synth",
         seed: int = 0,
+        max_tokens_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         # Plain data only (the synthetic config as a dict), so hparams.yaml and TensorBoard can hold it.
         self.save_hyperparameters(ignore=["synthetic"])
-        self.hparams["synthetic"] = asdict(synthetic) if synthetic else None
+        self.hparams["synthetic"] = config_record(synthetic) if synthetic else None
+        if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
+            raise ValueError(f"max_tokens_per_batch must be >= 1 (null: fixed batches), got {max_tokens_per_batch}")
         if synthetic is not None:
             train = train or os.path.join(synthetic_dir, "train")
             eval = eval or os.path.join(synthetic_dir, "eval")
@@ -91,6 +97,8 @@ class RetrievalDataModule(L.LightningDataModule):
         self.synthetic, self.synthetic_dir = synthetic, synthetic_dir
         self.num_negatives, self.batch_size, self.eval_batch_size = num_negatives, batch_size, eval_batch_size
         self.num_workers, self.verify_images, self.seed = num_workers, verify_images, seed
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.row_costs: RowCosts | None = None
         self.collator = None
         self.train_rows: TrainRows | None = None
         self.eval_set: EvalSet | None = None
@@ -105,7 +113,7 @@ class RetrievalDataModule(L.LightningDataModule):
             return
         with open(meta_path) as handle:
             meta = json.load(handle)
-        if meta.get("generator_version") != GENERATOR_VERSION or meta.get("config") != asdict(self.synthetic):
+        if meta.get("generator_version") != GENERATOR_VERSION or meta.get("config") != config_record(self.synthetic):
             # Generated data of another generator version or config: regenerate rather than train on other pages.
             rank_zero_info(f"{self.synthetic_dir} holds synthetic data of another generator version or config; "
                            "regenerating it")
@@ -139,11 +147,29 @@ class RetrievalDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.max_tokens_per_batch is not None:
+            return self._token_budget_loader()
         if len(self.train_rows) < self.batch_size:
             raise ValueError(f"{self.train_source}: {len(self.train_rows)} rows, fewer than one batch "
                              f"({self.batch_size}); lower data.batch_size")
         # drop_last: every step has a full batch (equal in-batch negatives, equal per-rank batches under DDP).
         return self._loader(self.train_rows, self.batch_size, shuffle=True)
+
+    def _token_budget_loader(self) -> DataLoader:
+        if self.row_costs is None:
+            self.row_costs = train_row_costs(self.train_rows, self.collator)  # image headers only: seconds per 10k
+        # Lightning's sharding of a training loader under DDP: its DistributedSampler is handed to the batch sampler
+        # (a BatchSampler subclass it rebuilds), which reads rank, world size and epoch from it and packs the same
+        # batches as below; with use_distributed_sampler false, the ranks given here are used as they are.
+        shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = TokenBudgetBatchSampler(
+            self.row_costs, self.max_tokens_per_batch, max_batch_size=self.batch_size, seed=self.seed,
+            rank=shard.get("rank", 0), world_size=shard.get("num_replicas", 1),
+        )
+        rank_zero_info(f"token-budget batching: {len(sampler)} batches per epoch per rank (of {len(self.train_rows)} "
+                       f"rows, at most {self.max_tokens_per_batch} padded tokens and {self.batch_size} rows each)")
+        return DataLoader(self.train_rows, batch_sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=self.collator, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_set is None:
@@ -162,7 +188,9 @@ class RerankDataModule(RetrievalDataModule):
     Training data: the bi-encoder's schema (``query``, ``image``, ``negative_i``; each row a group with its positive
     first), or labeled pairs (``query``, ``image``, ``label``) with ``labeled_pairs``. Evaluation reranks each eval
     query's candidates, taken from ``candidates`` (a first-stage run file), else from ``retriever``'s top-k, else
-    sampled (the query's relevant pages plus random corpus pages).
+    sampled (the query's relevant pages plus random corpus pages). Token-budget batching (``max_tokens_per_batch`` of
+    ``RetrievalDataModule``) is not offered here yet: groups and pairs are collated into (query, page) sequences, whose
+    cost model the batch sampler does not have.
 
     Args:
         train: Training table (see ``RetrievalDataModule``).

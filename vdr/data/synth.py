@@ -90,12 +90,16 @@ class SynthConfig:
 
     Attributes:
         seed: Master seed; the eval split depends only on it, ``num_eval_queries`` and ``distractors_per_query``.
-        image_size: Side length of the square pages in pixels.
+        image_size: Side length of the square pages in pixels (unless ``page_size_range`` is set).
         num_train_pages: Number of train rows (positive pages), cycling over the train combos.
         num_negatives: Hard negatives per train row (pages differing in exactly one attribute); may be 0.
         num_eval_queries: Number of held-out combos used as eval queries.
         distractors_per_query: Hard-distractor corpus pages added per eval query.
         blank_query_text: Omit title and subtitle from every page (everything else is unchanged).
+        page_size_range: When set, ``(smallest, largest)`` side in pixels: each page is a square whose side is drawn
+            uniformly from this range (inclusive), from its own seed, instead of ``image_size``. Real page sets vary in
+            size, and so do their visual-token counts: token-budget batching (``vdr.data.batching``) is measured on
+            such data. None (the default) keeps every page at ``image_size`` and the bytes of earlier datasets.
     """
 
     seed: int = 0
@@ -105,10 +109,18 @@ class SynthConfig:
     num_eval_queries: int = 300
     distractors_per_query: int = 4
     blank_query_text: bool = False
+    page_size_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 to fit the layout, got {self.image_size}")
+        if self.page_size_range is not None:
+            if len(self.page_size_range) != 2:
+                raise ValueError(f"page_size_range must be (smallest, largest), got {self.page_size_range}")
+            self.page_size_range = (int(self.page_size_range[0]), int(self.page_size_range[1]))
+            if not 32 <= self.page_size_range[0] <= self.page_size_range[1]:
+                raise ValueError(f"page_size_range must be (smallest, largest) with 32 <= smallest <= largest, got "
+                                 f"{self.page_size_range}")
         if self.num_train_pages < 1:
             raise ValueError(f"num_train_pages must be >= 1, got {self.num_train_pages}")
         if self.num_negatives < 0:
@@ -117,6 +129,18 @@ class SynthConfig:
             raise ValueError(f"num_eval_queries must be in [1, {len(ALL_COMBOS) - 1}], got {self.num_eval_queries}")
         if self.distractors_per_query < 0:
             raise ValueError(f"distractors_per_query must be >= 0, got {self.distractors_per_query}")
+
+
+def config_record(config: SynthConfig) -> dict:
+    """The config as ``synth.json`` stores it: plain JSON values, and options added later left out at their default.
+
+    Leaving out ``page_size_range`` when it is None keeps the record of every earlier config unchanged, so a dataset
+    generated before the option existed still matches its config and is not regenerated.
+    """
+    record = json.loads(json.dumps(asdict(config)))  # tuples become lists, as they are after a round trip
+    if record["page_size_range"] is None:
+        del record["page_size_range"]
+    return record
 
 
 @dataclass(frozen=True)
@@ -245,8 +269,8 @@ def plan(config: SynthConfig) -> SynthPlan:
     """Decides combos, query texts, ids and per-page render seeds without rendering anything.
 
     Args:
-        config: Dataset parameters; ``image_size`` and ``blank_query_text`` do not affect the plan, so a blanked
-            dataset shares ids, queries and qrels with the normal one.
+        config: Dataset parameters; ``image_size``, ``page_size_range`` and ``blank_query_text`` do not affect the
+            plan, so a blanked (or resized) dataset shares ids, queries and qrels with the normal one.
 
     Returns:
         The full plan. Eval combos are disjoint from every train positive and negative combo, and no distractor has
@@ -457,18 +481,28 @@ def render_page(
     return image
 
 
-def render_spec(spec: PageSpec, *, size: int, blank_query_text: bool) -> Image.Image:
+def page_size(spec: PageSpec, size_range: tuple[int, int]) -> int:
+    """The side length of a planned page whose size varies: drawn from a stream of its own (not the layout's RNG)."""
+    return random.Random(f"vdr-synth:page-size:{spec.seed}").randint(*size_range)
+
+
+def render_spec(
+    spec: PageSpec, *, size: int, blank_query_text: bool, size_range: tuple[int, int] | None = None
+) -> Image.Image:
     """Renders a planned page with its own seeded RNG.
 
     Args:
         spec: Topic and render seed.
         size: Side length in pixels.
         blank_query_text: Skip title and subtitle.
+        size_range: When set, the side length is drawn from this range with :func:`page_size` instead of ``size``.
 
     Returns:
         The page image.
     """
     company, metric, year = spec.combo
+    if size_range is not None:
+        size = page_size(spec, size_range)
     return render_page(company, metric, year, random.Random(spec.seed), size=size, blank_query_text=blank_query_text)
 
 
@@ -548,7 +582,7 @@ def generate(
     output_dir = Path(output_dir)
     _check_target(output_dir, overwrite)
     the_plan = plan(config)
-    size, blank = config.image_size, config.blank_query_text
+    size, blank, size_range = config.image_size, config.blank_query_text, config.page_size_range
     k = config.num_negatives
     total_pages = len(the_plan.train) * (1 + k) + len(the_plan.corpus)
 
@@ -562,7 +596,7 @@ def generate(
 
             def render(spec: PageSpec) -> Image.Image:
                 bar.update(1)
-                return render_spec(spec, size=size, blank_query_text=blank)
+                return render_spec(spec, size=size, blank_query_text=blank, size_range=size_range)
 
             def train_rows() -> Iterator[dict]:
                 for row in the_plan.train:
@@ -606,7 +640,7 @@ def generate(
         train_combos = {row.positive.combo for row in the_plan.train}
         meta = {
             "generator_version": GENERATOR_VERSION,
-            "config": asdict(config),
+            "config": config_record(config),
             "counts": {
                 "train_rows": len(the_plan.train),
                 "train_combos": len(train_combos),
@@ -651,6 +685,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-eval-queries", type=int, default=defaults.num_eval_queries)
     parser.add_argument("--distractors-per-query", type=int, default=defaults.distractors_per_query)
     parser.add_argument("--blank-query-text", action="store_true", help="omit title and subtitle from every page")
+    parser.add_argument("--page-size-range", type=int, nargs=2, metavar=("SMALLEST", "LARGEST"),
+                        help="draw each page's side from this range instead of --image-size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -663,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         num_eval_queries=args.num_eval_queries,
         distractors_per_query=args.distractors_per_query,
         blank_query_text=args.blank_query_text,
+        page_size_range=tuple(args.page_size_range) if args.page_size_range else None,
     )
     start = time.perf_counter()
     try:
