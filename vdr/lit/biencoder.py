@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
-from vdr.distributed.collectives import all_gather_uneven, gather_with_grad
+from vdr.distributed.collectives import all_gather_uneven, gather_with_grad, world
 from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.gradcache import CachedEmbeddings
 from vdr.lit.schedule import Decay
@@ -139,25 +139,30 @@ class BiEncoderModule(VdrModule):
             loss = self._cached_loss(batch.queries, documents, keys)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
-        # Averaged over ranks: with equal per-rank batches, the loss one process would compute on the global batch.
+        # Averaged over ranks (each rank's weighted by its share of the rows): the global batch's mean loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/temperature", self.loss.temperature, batch_size=len(batch))
         return loss
 
-    def _gather(self, documents: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(documents, keys, offset)`` of every rank with global negatives (this rank's alone otherwise).
+    def _gather(self, documents: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``(documents, keys, offset, weight)`` of every rank with global negatives (this rank's alone otherwise).
 
         Every rank's documents come in rank order; this rank's positives start at ``offset``. The all-gather's backward
-        sums every rank's gradient for our documents and sends it back here.
+        sums every rank's gradient for our documents and sends it back here. ``weight`` (``world size x this rank's
+        rows / all rows``; 1 for equal batches) scales this rank's mean loss so that DDP's and FSDP's average over
+        ranks is the mean over every query of the step, also when token-budget batches differ in size across ranks.
         """
         if not self.global_negatives:
-            return documents, keys, 0
+            return documents, keys, 0, 1.0
+        local = documents.shape[0]
         documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
-        return documents, torch.cat(all_gather_uneven(keys)), offset
+        world_size = world()[1]
+        weight = world_size * local / documents.shape[0] if world_size > 1 else 1.0
+        return documents, torch.cat(all_gather_uneven(keys)), offset, weight
 
     def _loss(self, queries: torch.Tensor, documents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        documents, keys, offset = self._gather(documents, keys)
-        return self.loss(queries, documents, document_keys=keys, offset=offset)
+        documents, keys, offset, weight = self._gather(documents, keys)
+        return self.loss(queries, documents, document_keys=keys, offset=offset) * weight
 
     def _cached_loss(self, queries: EncoderInputs, documents: EncoderInputs, keys: torch.Tensor) -> torch.Tensor:
         """GradCache: the plain loss's value and gradients, one mini-batch of activations at a time.
@@ -168,8 +173,8 @@ class BiEncoderModule(VdrModule):
         replay and gives a learnable temperature its gradient.
         """
         sides = [CachedEmbeddings(self.model, side, self.mini_batch_size, self.device) for side in (queries, documents)]
-        gathered, keys, offset = self._gather(sides[1].embeddings, keys)
-        loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset)
+        gathered, keys, offset, weight = self._gather(sides[1].embeddings, keys)
+        loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset) * weight
         loss.backward(inputs=[side.embeddings for side in sides])  # the gradient cache, through the all-gather
         *early, last = [replay for side in sides for replay in side.replays()]  # documents (with images) last
         # Lightning divides what training_step returns by the accumulation steps before its backward; so do we.
@@ -181,7 +186,7 @@ class BiEncoderModule(VdrModule):
                 surrogate = replay.surrogate() * scale
                 (scaler.scale(surrogate) if scaler is not None else surrogate).backward()
         # The loss again on constants: its value, and the temperature's gradient when it is learnable.
-        loss = self.loss(sides[0].embeddings.detach(), gathered.detach(), document_keys=keys, offset=offset)
+        loss = self.loss(sides[0].embeddings.detach(), gathered.detach(), document_keys=keys, offset=offset) * weight
         surrogate = last.surrogate()
         return loss + (surrogate - surrogate.detach())
 
