@@ -5,7 +5,7 @@ on synthetic pages (one hard negative per query), and prints one row: samples/s,
 A setting is ``MODE:BATCH[:MINI_BATCH][:gc]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
 sequences, gradient checkpointing in both towers).
 
-CPU, tiny preset (each setting in a fresh process; memory = peak RSS growth during the fit):
+CPU, tiny preset (each setting in a fresh process; memory = a training step's peak resident memory above its start):
     python scripts/bench/batch_memory.py --preset tiny --settings plain:8 plain:32 cached:32:8 cached:128:8
 GPU, the 2b layout with random weights, bf16 weights, 600x600 pages (memory = torch.cuda peak allocated):
     python scripts/bench/batch_memory.py --preset 2b --device cuda --dtype bfloat16 --page 600 --max-pixels 360000 \
@@ -84,8 +84,11 @@ class Pages(torch.utils.data.Dataset):
 
 
 class StepTimer(L.Callback):
+    """Step times; on the CPU also each step's peak resident memory above its start (the batch already loaded)."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.growth: list[float] = []
 
     def _sync(self, module) -> None:
         if module.device.type == "cuda":
@@ -93,11 +96,19 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(pl_module)
+        if pl_module.device.type == "cpu":
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # resets the peak resident set size (VmHWM) to the current one
+            self.rss = rss_gib()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
         self.times.append(time.perf_counter() - self.start)
+        if pl_module.device.type == "cpu":
+            with open("/proc/self/status") as handle:
+                peak = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM"))
+            self.growth.append(peak / 2**20 - self.rss)
 
 
 def rss_gib() -> float:
@@ -146,6 +157,7 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
         record["gpu"] = torch.cuda.get_device_name()
     else:
         record["peak_rss_growth_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before, 3)
+        record["step_peak_gib"] = round(statistics.median(timer.growth[1:] or timer.growth), 3)
     del trainer
     module.zero_grad(set_to_none=True)
     return record
@@ -162,7 +174,7 @@ def reference_rows(path: str) -> list[dict]:
 
 
 def report(records: list[dict], reference: list[dict]) -> None:
-    memory = "peak_gib" if records and "peak_gib" in records[0] else "peak_rss_growth_gib"
+    memory = "peak_gib" if records and "peak_gib" in records[0] else "step_peak_gib"
     print(f"\n{'setting':<18} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20}")
     for r in records:
         print(f"{r['setting']:<18} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
@@ -201,8 +213,10 @@ def main() -> None:
             index = argv.index("--settings")
             end = next((i for i in range(index + 1, len(argv)) if argv[i].startswith("--")), len(argv))
             argv[index + 1 : end] = [str(setting)]
+            # Large blocks from mmap, returned to the system when freed: resident memory then follows live tensors.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
             output = subprocess.run([sys.executable, __file__, *argv, "--child"], capture_output=True, text=True,
-                                    check=True).stdout
+                                    check=True, env=env).stdout
             records.append(json.loads(output.strip().splitlines()[-1].removeprefix("RECORD ")))
     else:
         module = build(args)
