@@ -6,10 +6,12 @@ steps only embed: the retrieval callback owns the corpus ranking and the metrics
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
@@ -152,13 +154,15 @@ class BiEncoderModule(VdrModule):
         rows / all rows``; 1 for equal batches) scales this rank's mean loss so that DDP's and FSDP's average over
         ranks is the mean over every query of the step, also when token-budget batches differ in size across ranks.
         """
-        if not self.global_negatives:
-            return documents, keys, 0, 1.0
-        local = documents.shape[0]
-        documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
         world_size = world()[1]
-        weight = world_size * local / documents.shape[0] if world_size > 1 else 1.0
-        return documents, torch.cat(all_gather_uneven(keys)), offset, weight
+        if world_size == 1:
+            return documents, keys, 0, 1.0
+        all_keys = all_gather_uneven(keys)
+        weight = world_size * len(keys) / sum(len(k) for k in all_keys)
+        if not self.global_negatives:
+            return documents, keys, 0, weight
+        documents, offset = gather_with_grad(documents)  # [sum over ranks of B_r * (1 + k), D]
+        return documents, torch.cat(all_keys), offset, weight
 
     def _loss(self, queries: torch.Tensor, documents: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         documents, keys, offset, weight = self._gather(documents, keys)
@@ -172,15 +176,24 @@ class BiEncoderModule(VdrModule):
         FSDP2 reduce-scatters after each replay). The returned tensor's value is the loss; its backward runs the last
         replay and gives a learnable temperature its gradient.
         """
-        sides = [CachedEmbeddings(self.model, side, self.mini_batch_size, self.device) for side in (queries, documents)]
+        passes = [math.ceil(len(side) / self.mini_batch_size) for side in (queries, documents)]
+        if self._unsharded is not None and world()[1] > 1:
+            # FSDP gathers weights in every forward and reduce-scatters gradients in every backward: ranks whose
+            # (token-budget) batches need fewer mini-batches run padding passes with zero gradients to stay in step.
+            counts = torch.tensor(passes, device=self.device)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            passes = counts.tolist()
+        sides = [CachedEmbeddings(self.model, side, self.mini_batch_size, self.device, passes=n)
+                 for side, n in zip((queries, documents), passes)]
         gathered, keys, offset, weight = self._gather(sides[1].embeddings, keys)
         loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset) * weight
         loss.backward(inputs=[side.embeddings for side in sides])  # the gradient cache, through the all-gather
         *early, last = [replay for side in sides for replay in side.replays()]  # documents (with images) last
         # Lightning divides what training_step returns by the accumulation steps before its backward; so do we.
-        scale = 1.0 / self.trainer.accumulate_grad_batches
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 loss scaling, if any
-        strategy = self.trainer.strategy
+        trainer = self._trainer  # None when called outside a Trainer
+        scale = 1.0 / trainer.accumulate_grad_batches if trainer else 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer else None  # fp16 loss scaling, if any
+        strategy = trainer.strategy if trainer else None
         with strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext():
             for replay in early:
                 surrogate = replay.surrogate() * scale
@@ -201,6 +214,10 @@ class BiEncoderModule(VdrModule):
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         batch.documents.pixel_values = pixels
         return batch
+
+    def on_train_start(self) -> None:
+        if self.mini_batch_size is not None:
+            self.zero_grad(set_to_none=True)  # gradients left by an earlier fit in this process (zeroed after steps)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         # Lightning zeroes gradients between training_step and its backward; GradCache has backpropagated most of the

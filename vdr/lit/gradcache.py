@@ -76,6 +76,8 @@ class CachedEmbeddings:
             would otherwise hold on the GPU all step long): each mini-batch is moved to ``device`` when it runs.
         mini_batch_size: Sequences per forward pass.
         device: Where the model runs (whose random generator dropout draws from).
+        passes: Forward passes to run (default: one per mini-batch). More repeat the last mini-batch and replay it
+            with a zero gradient: ranks of a sharded model must all run as many passes as the one that needs most.
 
     Attributes:
         embeddings: ``[B, D]`` leaf tensor that requires grad: compute the loss on it, then backpropagate so that its
@@ -83,17 +85,22 @@ class CachedEmbeddings:
     """
 
     def __init__(self, encode: Callable[[EncoderInputs], torch.Tensor], inputs: EncoderInputs, mini_batch_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, passes: int | None = None) -> None:
         if mini_batch_size < 1:
             raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
         self.encode, self.device = encode, device
         self.chunks = inputs.chunks(mini_batch_size)
+        self.padding = (passes or len(self.chunks)) - len(self.chunks)
+        if self.padding < 0:
+            raise ValueError(f"{passes} passes for {len(self.chunks)} mini-batches")
         self.states: list[RandomState] = []
         parts = []
         with torch.no_grad():
             for chunk in self.chunks:
                 self.states.append(RandomState.capture(device))
                 parts.append(encode(chunk.to(device)))  # [b, D]
+            for _ in range(self.padding):
+                encode(self.chunks[-1].to(device))  # unused: keeps a sharded model's collectives aligned
         self.embeddings = torch.cat(parts).requires_grad_()  # [B, D]
 
     def replays(self) -> list[Replay]:
@@ -101,5 +108,8 @@ class CachedEmbeddings:
         if self.embeddings.grad is None:
             raise RuntimeError("no gradient cache: backpropagate the loss to `embeddings` first")
         grads = self.embeddings.grad.split([len(chunk) for chunk in self.chunks])
-        return [Replay(chunk, state, grad, self.encode, self.device)
-                for chunk, state, grad in zip(self.chunks, self.states, grads)]
+        replays = [Replay(chunk, state, grad, self.encode, self.device)
+                   for chunk, state, grad in zip(self.chunks, self.states, grads)]
+        last = replays[-1]
+        return replays + [Replay(last.inputs, last.state, torch.zeros_like(last.grad), self.encode, self.device)
+                          for _ in range(self.padding)]

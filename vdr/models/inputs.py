@@ -58,7 +58,8 @@ class EncoderInputs:
 
     def to(self, device: torch.device | str) -> EncoderInputs:
         """The same inputs on ``device`` (tensors already there are not copied)."""
-        moved = [None if t is None else t.to(device, non_blocking=True)
+        non_blocking = torch.device(device).type == "cuda"  # host-to-GPU copies may overlap; copies to the host may not
+        moved = [None if t is None else t.to(device, non_blocking=non_blocking)
                  for t in (self.input_ids, self.attention_mask, self.mm_token_type_ids, self.pixel_values,
                            self.image_grid_thw)]
         return EncoderInputs(*moved)
