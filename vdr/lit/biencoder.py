@@ -7,6 +7,7 @@ steps only embed: the retrieval callback owns the corpus ranking and the metrics
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -30,6 +31,10 @@ from vdr.models.lora import LoraOptions, lora_hparams
 from vdr.models.prompts import EmbeddingPrompts
 
 CHECKPOINT_KIND = "biencoder"
+
+# The module's `transfer_batch_to_device` (GradCache keeps page pixels on the host) is meant to apply beside a data
+# module; Lightning warns about that combination on every run.
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
 
 
 class BiEncoderModule(VdrModule):
