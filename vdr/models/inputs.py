@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -35,26 +36,37 @@ class EncoderInputs:
             stop: One past the last sequence kept.
             merge_area: Patches per visual token (Qwen3-VL merges 2x2).
         """
-        width = int(self.attention_mask[start:stop].sum(1).max())  # right padding beyond it is dropped
-        ids, mask, types = (t[start:stop, :width]
-                            for t in (self.input_ids, self.attention_mask, self.mm_token_type_ids))
-        if self.pixel_values is None:
-            return EncoderInputs(ids, mask, types)
-        # Images are stored in sequence order: the ones before `start` hold the image tokens of the earlier rows.
-        tokens_per_row = (self.mm_token_type_ids == 1).sum(1)  # [B]
-        image_ends = (self.image_grid_thw.prod(-1) // merge_area).cumsum(0)  # [I] image-token end of each image
-        first = int((image_ends <= tokens_per_row[:start].sum()).sum())
-        last = int((image_ends <= tokens_per_row[:stop].sum()).sum())
-        if first == last:
-            return EncoderInputs(ids, mask, types)
-        patch_ends = self.image_grid_thw.prod(-1).cumsum(0)  # [I]
-        begin = int(patch_ends[first - 1]) if first else 0
-        return EncoderInputs(ids, mask, types, self.pixel_values[begin : int(patch_ends[last - 1])],
-                             self.image_grid_thw[first:last])
+        return self._rows(start, stop, self._layout(merge_area))
 
     def chunks(self, size: int, merge_area: int = 4) -> list[EncoderInputs]:
         """Consecutive groups of at most ``size`` sequences (see :meth:`rows`)."""
-        return [self.rows(i, min(i + size, len(self)), merge_area) for i in range(0, len(self), size)]
+        layout = self._layout(merge_area)  # read from the device once, not once per chunk
+        return [self._rows(i, min(i + size, len(self)), layout) for i in range(0, len(self), size)]
+
+    def _layout(self, merge_area: int) -> tuple[list[int], list[int] | None, list[int] | None]:
+        """Host-side bookkeeping: each row's length, and at each row boundary the images and patches before it.
+
+        Images are stored in sequence order, so the images before row ``r`` are those whose visual tokens all belong
+        to the earlier rows.
+        """
+        lengths = self.attention_mask.sum(1).tolist()
+        if self.pixel_values is None:
+            return lengths, None, None
+        tokens = [0, *(self.mm_token_type_ids == 1).sum(1).cumsum(0).tolist()]  # image tokens before each boundary
+        image_ends = (self.image_grid_thw.prod(-1) // merge_area).cumsum(0).tolist()  # [I] image-token end per image
+        patch_ends = [0, *self.image_grid_thw.prod(-1).cumsum(0).tolist()]  # patches before each image
+        images = [bisect.bisect_right(image_ends, t) for t in tokens]
+        return lengths, images, [patch_ends[i] for i in images]
+
+    def _rows(self, start: int, stop: int, layout) -> EncoderInputs:
+        lengths, images, patches = layout
+        width = max(lengths[start:stop])  # right padding beyond it is dropped
+        ids, mask, types = (t[start:stop, :width]
+                            for t in (self.input_ids, self.attention_mask, self.mm_token_type_ids))
+        if images is None or images[start] == images[stop]:
+            return EncoderInputs(ids, mask, types)
+        return EncoderInputs(ids, mask, types, self.pixel_values[patches[start] : patches[stop]],
+                             self.image_grid_thw[images[start] : images[stop]])
 
     def to(self, device: torch.device | str) -> EncoderInputs:
         """The same inputs on ``device`` (tensors already there are not copied)."""
