@@ -18,17 +18,11 @@ from datasets import load_from_disk
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from vdr.data.batching import (
-    RowCosts,
-    TokenBudgetBatchSampler,
-    _smart_resize,
-    smart_resize,
-    train_row_costs,
-    visual_tokens,
-)
+from vdr.data.batching import RowCosts, TokenBudgetBatchSampler, train_row_costs, visual_tokens
 from vdr.data.collator import EmbeddingCollator
 from vdr.data.datamodule import RetrievalDataModule
 from vdr.data.errors import DataError
+from vdr.data.pages import _smart_resize, smart_resize
 from vdr.data.schema import TrainRows
 from vdr.data.sources import load_table
 from vdr.data.synth import SynthConfig, config_record, generate, plan, render_spec

@@ -31,15 +31,18 @@ def _reference(processor, rendered: list[str], images: list[Image.Image] | None)
     return processor(text=rendered, images=images, return_tensors="pt", padding=True)
 
 
-def test_pages_match_the_hf_processor(processor) -> None:
-    collator = EmbeddingCollator(processor, EmbeddingPrompts())
+@pytest.mark.parametrize("page_preprocessing", ["device", "processor"])
+def test_pages_match_the_hf_processor(processor, page_preprocessing) -> None:
+    collator = EmbeddingCollator(processor, EmbeddingPrompts(), page_preprocessing=page_preprocessing)
     images = [_page(size, i) for i, size in enumerate(SIZES)]
     texts = ["a caption", None, "", "x" * 5, None, "chart of revenue"]
     ours = collator.encode_pages(images, "Represent the user's input.", texts)
+    assert (ours.pages is not None) == (page_preprocessing == "device")
     rendered = [collator.render(messages("Represent the user's input.", text=t, num_images=1)) for t in texts]
     reference = _reference(processor, rendered, images)
+    kwargs = ours.model_kwargs()  # the device path makes its patches here, bit-identical to the processor's
     for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values"):
-        assert torch.equal(getattr(ours, name).to(reference[name].dtype), reference[name]), name
+        assert torch.equal(kwargs[name].to(reference[name].dtype), reference[name]), name
     tokens = (ours.input_ids == 151655).sum(1)
     assert torch.equal(tokens, ours.image_grid_thw.prod(-1) // 4)
     assert tokens.min() >= 4 and tokens.max() <= 40
@@ -64,6 +67,11 @@ def test_long_text_is_shortened_but_keeps_the_pooled_tail(processor) -> None:
     assert inputs.input_ids[0, -len(tail):].tolist() == tail
 
 
+def _pixels(inputs) -> torch.Tensor:
+    """The patches the model reads (the device path makes them from the pages here)."""
+    return inputs.model_kwargs()["pixel_values"]
+
+
 def test_train_batch_is_column_major_with_keys(processor) -> None:
     collator = EmbeddingCollator(processor)
     pages = [[_page((64, 64), 10 * r + c) for c in range(3)] for r in range(2)]
@@ -75,8 +83,8 @@ def test_train_batch_is_column_major_with_keys(processor) -> None:
     assert len(batch.queries) == 2 and len(batch.documents) == 6
     assert batch.rows.tolist() == [0, 1]
     single = collator.encode_pages([pages[1][0]], EmbeddingPrompts().document)
-    assert torch.equal(batch.documents.pixel_values[single.pixel_values.shape[0]: 2 * single.pixel_values.shape[0]],
-                       single.pixel_values)
+    patches = _pixels(single).shape[0]
+    assert torch.equal(_pixels(batch.documents)[patches : 2 * patches], _pixels(single))
 
 
 def test_encode_examples_keep_their_index(processor) -> None:
@@ -84,24 +92,26 @@ def test_encode_examples_keep_their_index(processor) -> None:
     batch = collator([EncodeExample(index=7, text="a"), EncodeExample(index=3, text="b")])
     assert batch.index.tolist() == [7, 3]
     pages = collator([EncodeExample(index=1, image=_page((50, 50), 0))])
-    assert pages.inputs.pixel_values is not None
+    assert pages.inputs.has_images and pages.inputs.pages is not None
 
 
-def test_head_keeps_exactly_the_first_sequences_images(processor) -> None:
-    collator = EmbeddingCollator(processor)
+@pytest.mark.parametrize("page_preprocessing", ["device", "processor"])
+def test_head_keeps_exactly_the_first_sequences_images(processor, page_preprocessing) -> None:
+    collator = EmbeddingCollator(processor, page_preprocessing=page_preprocessing)
     images = [_page(size, i) for i, size in enumerate(SIZES)]
     everything = collator.encode_pages(images, "d")
     first = collator.encode_pages(images[:3], "d")
     head = everything.head(3)
-    assert torch.equal(head.pixel_values, first.pixel_values)
+    assert torch.equal(_pixels(head), _pixels(first))
     assert torch.equal(head.image_grid_thw, first.image_grid_thw)
     width = first.input_ids.shape[1]
     assert torch.equal(head.input_ids[:, :width], first.input_ids)
     assert head.input_ids.shape[1] == width  # trimmed to its own longest sequence
 
 
-def test_chunks_hold_exactly_their_sequences_and_images(processor) -> None:
-    collator = EmbeddingCollator(processor)
+@pytest.mark.parametrize("page_preprocessing", ["device", "processor"])
+def test_chunks_hold_exactly_their_sequences_and_images(processor, page_preprocessing) -> None:
+    collator = EmbeddingCollator(processor, page_preprocessing=page_preprocessing)
     images = [_page(size, i) for i, size in enumerate(SIZES)]
     texts = [None, "a caption", None, "another, longer caption of the page", None, "six"]
     everything = collator.encode_pages(images, "d", texts)
@@ -109,7 +119,8 @@ def test_chunks_hold_exactly_their_sequences_and_images(processor) -> None:
     assert [len(c) for c in chunks] == [min(2, len(images) - i) for i in range(0, len(images), 2)]
     for i, chunk in zip(range(0, len(images), 2), chunks):
         alone = collator.encode_pages(images[i : i + 2], "d", texts[i : i + 2])  # the collator's own padding
+        ours, reference = chunk.model_kwargs(), alone.model_kwargs()
         for name in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
-            assert torch.equal(getattr(chunk, name), getattr(alone, name)), (i, name)
+            assert torch.equal(ours[name], reference[name]), (i, name)
     queries = collator.encode_texts(["q one", "a longer query two", "q3"], "q").chunks(2)
-    assert queries[1].pixel_values is None and queries[1].input_ids.shape == (1, queries[1].attention_mask.sum())
+    assert not queries[1].has_images and queries[1].input_ids.shape == (1, queries[1].attention_mask.sum())

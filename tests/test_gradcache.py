@@ -179,7 +179,8 @@ def test_gradcache_leaves_page_pixels_in_host_memory_until_their_mini_batch_runs
     from vdr.data.sources import load_table
 
     rows = TrainRows(load_table(str(rows8)), "rows8", num_negatives=1)
-    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=2)
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=2,
+                             page_preprocessing="processor")
     batch = module.collator([rows[i] for i in range(4)])
     moved = module.transfer_batch_to_device(batch, torch.device("meta"), 0)  # "meta": a device other than the CPU
     assert moved.queries.input_ids.device.type == "meta" and moved.documents.input_ids.device.type == "meta"
@@ -187,3 +188,9 @@ def test_gradcache_leaves_page_pixels_in_host_memory_until_their_mini_batch_runs
     module.mini_batch_size = None  # the plain step needs every page at once
     batch = module.collator([rows[i] for i in range(4)])
     assert module.transfer_batch_to_device(batch, torch.device("meta"), 0).documents.pixel_values.device.type == "meta"
+    # Device preprocessing: the pages travel as uint8 (a quarter of one float32 frame); each mini-batch makes its own
+    # patches on the device at its forward.
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), mini_batch_size=2)
+    moved = module.transfer_batch_to_device(module.collator([rows[i] for i in range(4)]), torch.device("meta"), 0)
+    assert moved.documents.pixel_values is None
+    assert moved.documents.pages.pixels.device.type == "meta" and moved.documents.pages.pixels.dtype == torch.uint8

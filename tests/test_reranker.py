@@ -163,8 +163,9 @@ def test_pairs_match_the_hf_processor(backbone) -> None:
     ours = collator.encode_pairs(QUERIES, pages)
     rendered = [collator.render(pair_messages(q)) for q in QUERIES]
     reference = backbone.processor(text=rendered, images=pages, return_tensors="pt", padding=True)
+    kwargs = ours.model_kwargs()  # the patches made from the pages on their device (here the CPU)
     for name in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values"):
-        assert torch.equal(getattr(ours, name).to(reference[name].dtype), reference[name]), name
+        assert torch.equal(kwargs[name].to(reference[name].dtype), reference[name]), name
 
 
 def test_groups_are_laid_out_row_by_row_with_batch_negatives(backbone) -> None:

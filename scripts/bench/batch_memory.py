@@ -12,6 +12,10 @@ GPU, the 2b layout with random weights, bf16 weights, 600x600 pages (memory = to
         --settings plain:16:gc cached:64:8:gc cached:256:32:gc --reference bench_out/results.jsonl
 ``--reference`` reads the reference trainer's results (``shared/bench-reference``, run in the same session) and
 prints each of our settings' throughput and memory as ratios of its rows.
+
+Every row also reports the fraction of wall time the loop waited for data (from the end of one step to the start of
+the next: fetching the batch from the DataLoader workers and moving it to the device); ``--page-preprocessing``
+chooses where pages become patches (``device``: at the forward, ``processor``: in the workers).
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class StepTimer(L.Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.waits: list[float] = []  # end of the previous step to the start of this one: the data wait
         self.growth: list[float] = []
+        self.end: float | None = None
 
     def _sync(self, module) -> None:
         if module.device.type == "cuda":
@@ -101,10 +107,13 @@ class StepTimer(L.Callback):
                 handle.write("5")  # resets the peak resident set size (VmHWM) to the current one
             self.rss = rss_gib()
         self.start = time.perf_counter()
+        if self.end is not None:
+            self.waits.append(self.start - self.end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
-        self.times.append(time.perf_counter() - self.start)
+        self.end = time.perf_counter()
+        self.times.append(self.end - self.start)
         if pl_module.device.type == "cpu":
             with open("/proc/self/status") as handle:
                 peak = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM"))
@@ -125,7 +134,8 @@ def build(args) -> BiEncoderModule:
         return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01, fused=fused)
 
     with torch.device(args.device):  # random init on the GPU: seconds instead of a minute for the 2b layout
-        return BiEncoderModule(backbone, optimizer=optimizer, warmup_ratio=0.0, decay="constant")
+        return BiEncoderModule(backbone, optimizer=optimizer, warmup_ratio=0.0, decay="constant",
+                               page_preprocessing=args.page_preprocessing)
 
 
 def run(module: BiEncoderModule, setting: Setting, args) -> dict:
@@ -151,7 +161,10 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     median = statistics.median(timed)
     record = {"setting": str(setting), **vars(setting), "preset": args.preset, "device": args.device,
               "page": args.page, "step_s": round(median, 3), "samples_per_s": round(setting.batch / median, 3),
-              "first_step_s": round(timer.times[0], 2), "steps_timed": len(timed), "wall_s": round(wall, 1)}
+              "first_step_s": round(timer.times[0], 2), "steps_timed": len(timed), "wall_s": round(wall, 1),
+              "page_preprocessing": args.page_preprocessing, "workers": args.workers,
+              "data_wait_s": round(statistics.median(timer.waits), 3) if timer.waits else None,
+              "data_wait_frac": round(sum(timer.waits) / (sum(timer.waits) + sum(timed)), 3) if timer.waits else None}
     if args.device == "cuda":
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         record["gpu"] = torch.cuda.get_device_name()
@@ -175,10 +188,11 @@ def reference_rows(path: str) -> list[dict]:
 
 def report(records: list[dict], reference: list[dict]) -> None:
     memory = "peak_gib" if records and "peak_gib" in records[0] else "step_peak_gib"
-    print(f"\n{'setting':<18} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20}")
+    print(f"\n{'setting':<18} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20} {'data wait':>10}")
     for r in records:
+        wait = r.get("data_wait_frac")
         print(f"{r['setting']:<18} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
-              f"{r.get(memory, float('nan')):>20.2f}")
+              f"{r.get(memory, float('nan')):>20.2f} {'-' if wait is None else f'{wait:.1%}':>10}")
     for ref in reference:
         name = f"reference {ref['mode']} batch {ref.get('batch_size')}"
         print(f"\n{name}: {ref['samples_per_s']:.2f} samples/s, peak {ref.get('peak_mem_gib')} GiB")
@@ -200,6 +214,7 @@ def main() -> None:
     parser.add_argument("--settings", type=Setting.parse, nargs="+", required=True)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting (after one warmup step)")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--page-preprocessing", default="device", choices=["device", "processor"])
     parser.add_argument("--out", help="append one JSON line per setting here")
     parser.add_argument("--reference", help="the reference trainer's results.jsonl, for side-by-side ratios")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one CPU setting, in a subprocess

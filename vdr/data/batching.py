@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import heapq
 import io
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,30 +36,8 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 
 from vdr.data.errors import DataError
 from vdr.data.images import read_encoded
+from vdr.data.pages import smart_resize
 from vdr.models.prompts import messages
-
-
-def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's resize rule (for transformers releases that do not export it): both sides a multiple of
-    ``factor``, the area within [min_pixels, max_pixels], the aspect ratio kept as closely as that allows."""
-    ratio = max(height, width) / min(height, width)
-    if ratio > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-try:  # the image processor's own function: the reference, wherever transformers keeps it
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-except ImportError:  # pragma: no cover - depends on the transformers release
-    smart_resize = _smart_resize
 
 
 def visual_tokens(width: int, height: int, image_processor) -> int:

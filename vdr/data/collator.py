@@ -1,19 +1,25 @@
-"""Examples to Qwen3-VL tensors: chat rendering, page resizing and patching, image-token expansion, padding.
+"""Examples to Qwen3-VL tensors: chat rendering, page sizing, image-token expansion, padding.
 
-The HF processor is the reference for every tensor made here (tests compare them). Two things differ in route,
-not result: each ``<|image_pad|>`` placeholder is tokenized once and expanded to its visual-token count in id space
-(the processor expands a string of thousands of pad tokens and tokenizes it), and over-long texts are shortened
-before rendering so the template's tail, whose last token is the one pooled, always survives.
+The HF processor is the reference for every tensor made here (tests compare them). Pages leave the collator in one of
+two forms (``page_preprocessing``): ``"device"`` packs their decoded uint8 pixels and leaves resizing, normalization
+and patching to the training device (``vdr.data.pages``, bit-identical to the processor on the CPU); ``"processor"``
+runs the HF image processor here, in the DataLoader worker. Either way the grid and token count of each page are known
+here. Two things differ from the processor in route, not result: each ``<|image_pad|>`` placeholder is tokenized once
+and expanded to its visual-token count in id space (the processor expands a string of thousands of pad tokens and
+tokenizes it), and over-long texts are shortened before rendering so the template's tail, whose last token is the
+one pooled, always survives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from PIL import Image
 
-from vdr.data.schema import EncodeExample, TrainExample
+from vdr.data.pages import PageFormat, Pages
+from vdr.data.schema import EncodeExample, SkippedRow, TrainExample
 from vdr.models.inputs import EncoderInputs
 from vdr.models.prompts import EmbeddingPrompts, messages
 
@@ -26,6 +32,7 @@ class RetrievalBatch:
     documents: EncoderInputs  # B * (1 + k) sequences: [positives; negative_0 of every row; ...]
     document_keys: torch.Tensor  # [B * (1 + k)] int64 content hashes, for false-negative masking
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
+    skipped: int = 0  # rows of this batch left out because a page did not decode (bad_images: skip)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -39,6 +46,9 @@ class EncodeBatch:
     index: torch.Tensor  # [B] int64
 
 
+PagePreprocessing = Literal["device", "processor"]
+
+
 class ChatCollator:
     """Chat rendering and tokenization shared by the embedding and reranker collators.
 
@@ -46,9 +56,14 @@ class ChatCollator:
         processor: A Qwen3-VL processor (its tokenizer renders chats; its image processor sizes pages).
         max_text_tokens: Longest text, in tokens, before the chat template is added.
         chat_template: Template to render with (default: the tokenizer's own).
+        page_preprocessing: ``"device"``: pages leave as uint8 pixels, made into patches on the device at the forward;
+            ``"processor"``: the HF image processor makes the patches here.
     """
 
-    def __init__(self, processor, max_text_tokens: int = 256, chat_template: str | None = None) -> None:
+    def __init__(self, processor, max_text_tokens: int = 256, chat_template: str | None = None,
+                 page_preprocessing: PagePreprocessing = "device") -> None:
+        if page_preprocessing not in ("device", "processor"):
+            raise ValueError(f"page_preprocessing must be 'device' or 'processor', got {page_preprocessing!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -56,6 +71,17 @@ class ChatCollator:
         self.chat_template = chat_template
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.merge_area = self.image_processor.merge_size**2
+        self.page_preprocessing = page_preprocessing
+        self.page_format = PageFormat.of(self.image_processor) if page_preprocessing == "device" else None
+
+    @staticmethod
+    def present(examples: list) -> tuple[list, int]:
+        """The examples that are not ``SkippedRow``s, and how many were."""
+        kept = [e for e in examples if not isinstance(e, SkippedRow)]
+        if not kept:
+            raise RuntimeError(f"every row of a training batch had a page that did not decode (rows "
+                               f"{[e.row for e in examples]}); the first: {examples[0].reason}")
+        return kept, len(examples) - len(kept)
 
     def render(self, chat: list[dict]) -> str:
         """The exact string the model reads (before image-token expansion)."""
@@ -71,11 +97,15 @@ class ChatCollator:
     def _tokenize(self, rendered: list[str], images: list[Image.Image]) -> EncoderInputs:
         """Tokenizes rendered chats whose image placeholders take ``images`` in order, and pads them on the right."""
         ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        pixel_values = grid = None
+        pixel_values = grid = pages = None
         tokens_per_image: list[int] = []
-        if images:
+        if images and self.page_format is not None:
+            pages = Pages.pack(images, self.page_format)
+            grid = pages.grid_thw()  # [I, 3]
+        elif images:
             vision = self.image_processor(images=images, return_tensors="pt")
             pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]  # [P, 1536], [I, 3]
+        if images:
             tokens_per_image = (grid.prod(-1) // self.merge_area).tolist()
         expanded, next_image = [], 0
         for sequence in ids:
@@ -96,7 +126,7 @@ class ChatCollator:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             attention_mask[row, : len(sequence)] = 1
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
-        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)
+        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid, pages)
 
 
 class EmbeddingCollator(ChatCollator):
@@ -106,18 +136,21 @@ class EmbeddingCollator(ChatCollator):
         processor: A Qwen3-VL processor (its tokenizer carries the chat template; its image processor the bounds).
         prompts: The query and document instructions.
         max_text_tokens: Longest query or page text, in tokens, before the template is added.
+        page_preprocessing: Where pages become patches (see :class:`ChatCollator`).
     """
 
-    def __init__(self, processor, prompts: EmbeddingPrompts | None = None, max_text_tokens: int = 256) -> None:
-        super().__init__(processor, max_text_tokens)
+    def __init__(self, processor, prompts: EmbeddingPrompts | None = None, max_text_tokens: int = 256,
+                 page_preprocessing: PagePreprocessing = "device") -> None:
+        super().__init__(processor, max_text_tokens, page_preprocessing=page_preprocessing)
         self.prompts = prompts or EmbeddingPrompts()
 
     def __call__(self, examples: list) -> RetrievalBatch | EncodeBatch:
-        if isinstance(examples[0], TrainExample):
+        if isinstance(examples[0], TrainExample | SkippedRow):
             return self.collate_train(examples)
         return self.collate_encode(examples)
 
-    def collate_train(self, examples: list[TrainExample]) -> RetrievalBatch:
+    def collate_train(self, examples: list[TrainExample | SkippedRow]) -> RetrievalBatch:
+        examples, skipped = self.present(examples)
         columns = len(examples[0].pages)
         if any(len(e.pages) != columns for e in examples):
             raise ValueError("all rows of a batch must have the same number of hard negatives")
@@ -128,6 +161,7 @@ class EmbeddingCollator(ChatCollator):
             documents=self.encode_pages(pages, self.prompts.document),
             document_keys=torch.tensor(keys, dtype=torch.int64),
             rows=torch.tensor([e.row for e in examples], dtype=torch.int64),
+            skipped=skipped,
         )
 
     def collate_encode(self, examples: list[EncodeExample]) -> EncodeBatch:

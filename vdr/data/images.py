@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from vdr.data.errors import DataError
+from vdr.data.pages import MAX_ASPECT_RATIO
 
 # A page larger than this is a decompression bomb or a scanning accident, not a document page.
 MAX_IMAGE_PIXELS = 1 << 28
@@ -63,31 +64,38 @@ def read_encoded(value, *, dataset: str, row: int, column: str, root: str | None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to RGB; transparency is composited on white (what a rendered page would show)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    """Converts any PIL mode to RGB as the HF image processors do: an image with an alpha band or a transparency key
+    is composited on white (what a rendered page would show), any other is converted by PIL.
+
+    One deliberate difference: 16-bit greyscale is scaled to 8 bits (what a viewer shows), where the processors' PIL
+    conversion clips every value above 255 and turns a 16-bit scan white.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping (PIL's convert would saturate at 255).
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _check_size(encoded: EncodedImage, size: tuple[int, int], *, dataset: str, row: int, column: str) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(dataset, f"image {encoded.origin} is {width}x{height} pixels, more than "
+                        f"{MAX_IMAGE_PIXELS} allowed", row=row, column=column)
+    if width < 1 or height < 1:
+        raise DataError(dataset, f"image {encoded.origin} is empty ({width}x{height})", row=row, column=column)
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise DataError(dataset, f"image {encoded.origin} is {width}x{height} pixels: Qwen3-VL's resize refuses "
+                        f"aspect ratios beyond {MAX_ASPECT_RATIO}:1 (crop or split the page)", row=row, column=column)
 
 
 def decode(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Image.Image:
     """Decodes to an RGB PIL image, or raises a ``DataError`` naming the row and column."""
     try:
         with Image.open(io.BytesIO(encoded.data)) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise DataError(dataset, f"image {encoded.origin} is {width}x{height} pixels, more than "
-                                f"{MAX_IMAGE_PIXELS} allowed", row=row, column=column)
-            if width < 1 or height < 1:
-                raise DataError(dataset, f"image {encoded.origin} is empty ({width}x{height})", row=row, column=column)
+            _check_size(encoded, image.size, dataset=dataset, row=row, column=column)
             image.load()
             return to_rgb(image)
     except DataError:
@@ -97,9 +105,13 @@ def decode(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Ima
 
 
 def verify(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> None:
-    """Cheap up-front check: the header parses and the file is not truncated (no pixel decoding for PNG)."""
+    """Cheap up-front check: the header parses, the size is one a page can have, and the file is not truncated (no
+    pixel decoding for PNG)."""
     try:
         with Image.open(io.BytesIO(encoded.data)) as image:
+            _check_size(encoded, image.size, dataset=dataset, row=row, column=column)
             image.verify()
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataError(dataset, f"corrupt image {encoded.origin}: {error}", row=row, column=column) from error

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vdr.data.collator import ChatCollator
-from vdr.data.schema import PairExample, ScorePair, TrainExample
+from vdr.data.collator import ChatCollator, PagePreprocessing
+from vdr.data.schema import PairExample, ScorePair, SkippedRow, TrainExample
 from vdr.models.inputs import EncoderInputs
 from vdr.models.processor import DEFAULT_RERANK_INSTRUCTION, reranker_chat_template
 
@@ -28,6 +28,7 @@ class RerankBatch:
     mask: torch.Tensor  # [B, G] bool, False: not a candidate of this group (its own positive again)
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
     teacher: torch.Tensor | None = None  # [B, G] teacher scores (distillation)
+    skipped: int = 0  # rows of this batch left out because a page did not decode (bad_images: skip)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -58,21 +59,24 @@ class RerankCollator(ChatCollator):
         instruction: The ``<Instruct>`` text.
         max_text_tokens: Longest query, in tokens.
         batch_negatives: Positives of this many other rows of the batch join each group as extra negatives.
+        page_preprocessing: Where pages become patches (see :class:`ChatCollator`).
     """
 
     def __init__(self, processor, instruction: str = DEFAULT_RERANK_INSTRUCTION, max_text_tokens: int = 256,
-                 batch_negatives: int = 0) -> None:
-        super().__init__(processor, max_text_tokens, chat_template=reranker_chat_template(instruction))
+                 batch_negatives: int = 0, page_preprocessing: PagePreprocessing = "device") -> None:
+        super().__init__(processor, max_text_tokens, chat_template=reranker_chat_template(instruction),
+                         page_preprocessing=page_preprocessing)
         if batch_negatives < 0:
             raise ValueError(f"batch_negatives must be >= 0, got {batch_negatives}")
         self.instruction, self.batch_negatives = instruction, batch_negatives
 
     def __call__(self, examples: list) -> RerankBatch | ScoreBatch:
-        if isinstance(examples[0], TrainExample):
-            return self.collate_groups(examples)
-        if isinstance(examples[0], PairExample):
-            return self.collate_labeled(examples)
-        return self.collate_pairs(examples)
+        if not isinstance(examples[0], TrainExample | PairExample | SkippedRow):
+            return self.collate_pairs(examples)
+        kept, skipped = self.present(examples)
+        batch = self.collate_groups(kept) if isinstance(kept[0], TrainExample) else self.collate_labeled(kept)
+        batch.skipped = skipped
+        return batch
 
     def encode_pairs(self, queries: list[str], images: list[Image.Image]) -> EncoderInputs:
         """One sequence per (query, page) pair."""

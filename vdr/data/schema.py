@@ -9,12 +9,14 @@ Evaluation sets are three tables: ``queries`` (``id``, ``text``), ``corpus`` (``
 (``query_id``, ``corpus_id``, ``score``: an integer relevance grade, > 0 relevant).
 
 Everything that can be checked without decoding pixels is checked when the dataset is built, so a bad row
-fails the run before any training; pixels that do not decode fail when their row is loaded, naming the row.
+fails the run before any training; pixels that do not decode fail when their row is loaded, naming the row (or, with
+``skip_undecodable``, the training row is skipped with a warning and counted).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,14 @@ class TrainExample:
     pages: list[Image.Image]
     page_keys: list[int]  # content hashes, aligned with ``pages``
     teacher: list[float] | None = None  # teacher scores, aligned with ``pages`` (reranker distillation)
+
+
+@dataclass
+class SkippedRow:
+    """A training row left out because a page of it did not decode (``bad_images: skip``); collators drop it."""
+
+    row: int
+    reason: str
 
 
 @dataclass
@@ -136,6 +146,13 @@ def _verify_images(table: datasets.Dataset, name: str, columns: list[str], root:
                    dataset=name, row=row, column=column)
 
 
+def _skipped(row: int, error: DataError, skip: bool) -> SkippedRow:
+    if not skip:
+        raise error
+    warnings.warn(f"skipping a training row (bad_images: skip): {error}", stacklevel=2)
+    return SkippedRow(row, str(error))
+
+
 class TrainRows(torch.utils.data.Dataset):
     """Training rows in the reference schema.
 
@@ -146,13 +163,16 @@ class TrainRows(torch.utils.data.Dataset):
         root: Directory that relative image paths are resolved against.
         verify_images: Check every image header up front (reads each file once; no pixel decoding for PNG).
         teacher_column: A column of teacher scores to attach to each example (reranker distillation).
+        skip_undecodable: A row whose page does not decode becomes a ``SkippedRow`` (with a warning naming it) instead
+            of failing the run.
     """
 
     def __init__(self, table: datasets.Dataset, name: str, *, num_negatives: int = 0, root: str | None = None,
-                 verify_images: bool = True, teacher_column: str | None = None) -> None:
+                 verify_images: bool = True, teacher_column: str | None = None,
+                 skip_undecodable: bool = False) -> None:
         if num_negatives < 0:
             raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-        self.name, self.root = name, root
+        self.name, self.root, self.skip_undecodable = name, root, skip_undecodable
         self.image_columns = ["image"] + [f"negative_{i}" for i in range(num_negatives)]
         available = sorted(c for c in table.column_names if c.startswith("negative_"))
         if any(c not in table.column_names for c in self.image_columns[1:]):
@@ -175,10 +195,13 @@ class TrainRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, row: int) -> TrainExample:
+    def __getitem__(self, row: int) -> TrainExample | SkippedRow:
         record = self.table[row]
         encoded = [self._read(record[c], row, c) for c in self.image_columns]
-        pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
+        try:
+            pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
+        except DataError as error:
+            return _skipped(row, error, self.skip_undecodable)
         teacher = self.teacher[row] if self.teacher is not None else None
         return TrainExample(row=row, query=record["query"], pages=pages, page_keys=[e.key for e in encoded],
                             teacher=teacher)
@@ -195,11 +218,12 @@ class PairRows(torch.utils.data.Dataset):
         name: How the user named it (used in error messages).
         root: Directory that relative image paths are resolved against.
         verify_images: Check every image header up front.
+        skip_undecodable: A pair whose page does not decode becomes a ``SkippedRow`` instead of failing the run.
     """
 
     def __init__(self, table: datasets.Dataset, name: str, *, root: str | None = None,
-                 verify_images: bool = True) -> None:
-        self.name, self.root = name, root
+                 verify_images: bool = True, skip_undecodable: bool = False) -> None:
+        self.name, self.root, self.skip_undecodable = name, root, skip_undecodable
         _require_columns(table, name, ["query", "image", "label"], "labeled-pair")
         if len(table) == 0:
             raise DataError(name, "has no rows")
@@ -219,10 +243,13 @@ class PairRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, row: int) -> PairExample:
+    def __getitem__(self, row: int) -> PairExample | SkippedRow:
         record = self.table[row]
         encoded = read_encoded(record["image"], dataset=self.name, row=row, column="image", root=self.root)
-        page = decode(encoded, dataset=self.name, row=row, column="image")
+        try:
+            page = decode(encoded, dataset=self.name, row=row, column="image")
+        except DataError as error:
+            return _skipped(row, error, self.skip_undecodable)
         return PairExample(row=row, query=record["query"], page=page, page_key=encoded.key, label=self.labels[row])
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
-from vdr.data.collator import EmbeddingCollator, EncodeBatch, RetrievalBatch
+from vdr.data.collator import EmbeddingCollator, EncodeBatch, PagePreprocessing, RetrievalBatch
 from vdr.distributed.collectives import all_gather_uneven, gather_with_grad, world
 from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.gradcache import CachedEmbeddings
@@ -63,6 +63,9 @@ class BiEncoderModule(VdrModule):
         lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
+        page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
+            run on the training device at the forward, bit-identical to the HF processor on the CPU
+            (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
 
     Global negatives and gradient accumulation: each micro-batch is its own contrastive problem over the documents
     of all ranks for that micro-batch (``world size x per-device batch x (1 + k)`` documents); the accumulated
@@ -90,6 +93,7 @@ class BiEncoderModule(VdrModule):
         lora: LoraOptions | dict | None = None,
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
+        page_preprocessing: PagePreprocessing = "device",
     ) -> None:
         super().__init__()
         # Dicts arrive from load_from_checkpoint (hyperparameters are saved as plain data).
@@ -108,7 +112,8 @@ class BiEncoderModule(VdrModule):
              "hard_negatives_after_step": hard_negatives_after_step, "global_negatives": global_negatives,
              "mini_batch_size": mini_batch_size, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
-             "gradient_checkpointing_vision": gradient_checkpointing_vision}
+             "gradient_checkpointing_vision": gradient_checkpointing_vision,
+             "page_preprocessing": page_preprocessing}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
         for side, saved in loaded.prompts.items():
@@ -118,7 +123,7 @@ class BiEncoderModule(VdrModule):
                                "(set model.prompts to keep the original)")
         self.model = BiEncoder(loaded.model)
         self.processor = loaded.processor
-        self.collator = EmbeddingCollator(self.processor, self.prompts, max_text_tokens)
+        self.collator = EmbeddingCollator(self.processor, self.prompts, max_text_tokens, page_preprocessing)
         self.loss = loss or InfoNCELoss()
         if isinstance(self.loss, MatryoshkaLoss):
             self.loss.check_dim(self.model.embedding_dim)  # a prefix longer than the embedding fails now, not at step 1
@@ -149,6 +154,7 @@ class BiEncoderModule(VdrModule):
         # Averaged over ranks (each rank's weighted by its share of the rows): the global batch's mean loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/temperature", self.loss.temperature, batch_size=len(batch))
+        self._count_skipped(batch)
         return loss
 
     def _gather(self, documents: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from vdr.data.collator import PagePreprocessing
 from vdr.data.rerank_collator import RerankBatch, RerankCollator, ScoreBatch
 from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
 from vdr.lit.schedule import Decay
@@ -44,6 +45,9 @@ class RerankerModule(VdrModule):
         lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
+        page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
+            run on the training device at the forward, bit-identical to the HF processor on the CPU
+            (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
     """
 
     CHECKPOINT_KIND = CHECKPOINT_KIND
@@ -64,6 +68,7 @@ class RerankerModule(VdrModule):
         lora: LoraOptions | dict | None = None,
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
+        page_preprocessing: PagePreprocessing = "device",
     ) -> None:
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's plain-data hyperparameters
@@ -77,12 +82,14 @@ class RerankerModule(VdrModule):
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
              "freeze_token_embeddings": freeze_token_embeddings, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
-             "gradient_checkpointing_vision": gradient_checkpointing_vision}
+             "gradient_checkpointing_vision": gradient_checkpointing_vision,
+             "page_preprocessing": page_preprocessing}
         )
         loaded = load_backbone(**asdict(self.backbone_config), lm_head=True)
         self.model = Reranker(loaded.model, *yes_no_token_ids(loaded.processor.tokenizer))
         self.processor = loaded.processor
-        self.collator = RerankCollator(self.processor, instruction, max_text_tokens, batch_negatives)
+        self.collator = RerankCollator(self.processor, instruction, max_text_tokens, batch_negatives,
+                                       page_preprocessing)
         self.loss = loss or ListwiseCE()
         self.batch_negatives = batch_negatives
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
@@ -121,6 +128,7 @@ class RerankerModule(VdrModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)  # mean over ranks
+        self._count_skipped(batch)
         return loss
 
     def validation_step(self, batch: ScoreBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

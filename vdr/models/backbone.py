@@ -247,7 +247,7 @@ def trunk_hidden_states(trunk: Qwen3VLModel, inputs) -> torch.Tensor:
     runs the vision tower idly (first, as an image batch would), so every rank's collectives line up."""
     from vdr.distributed.collectives import world
 
-    idle = idle_vision_term(trunk) if inputs.pixel_values is None and world()[1] > 1 else None
+    idle = idle_vision_term(trunk) if not inputs.has_images and world()[1] > 1 else None
     hidden = trunk(**inputs.model_kwargs(), use_cache=False).last_hidden_state
     return hidden if idle is None else hidden + idle
 
