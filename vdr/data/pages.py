@@ -12,10 +12,10 @@ processor's own ``smart_resize``, so they are identical. The pixels are identica
 run on the CPU (how it runs in DataLoader workers and in Sentence Transformers at serving time): its torchvision
 backend resizes uint8 pages with PyTorch's fixed-point antialiased bicubic kernel (Keys' cubic with a = -0.5, the
 support widened by the scale when shrinking, weights rounded to int16 at the finest precision that fits, a horizontal
-then a vertical pass, each rounded and clamped to [0, 255]). ``resize_fixed_point`` reproduces that kernel with
-integer tensor ops that run on any device. Run on a GPU, the processor itself takes a float32 bicubic route instead,
-which differs from its own CPU result by up to 16 levels on noise and 1-2 levels on pages; training on the CPU's
-pixels keeps training and serving on the same ones.
+then a vertical pass, each rounded and clamped to [0, 255]). ``resize_fixed_point`` calls that kernel on the CPU and,
+on a GPU (which has no uint8 bicubic kernel), ``resize_emulated``: the same integers from int32 tensor ops. Run on a
+GPU, the processor itself takes a float32 bicubic route instead, which differs from its own CPU result by up to 16
+levels on noise and 1-2 levels on pages; training on the CPU's pixels keeps training and serving on the same ones.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # The aspect ratio beyond which Qwen2-VL's resize refuses a page.
@@ -108,14 +109,23 @@ def _resize_axis(pixels: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
     return (total >> precision).clamp_(0, 255).to(torch.uint8)
 
 
-def resize_fixed_point(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resizes ``[..., H, W]`` uint8 pixels to ``height`` x ``width`` exactly as torchvision resizes uint8 images on
-    the CPU with antialiased bicubic interpolation: a horizontal pass, then a vertical one, in int32 arithmetic."""
+def resize_emulated(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PyTorch's CPU uint8 antialiased bicubic resize of ``[..., H, W]`` uint8 pixels, computed with int32 tensor ops
+    that run on any device: a horizontal pass, then a vertical one, each rounded and clamped to uint8."""
     if pixels.shape[-1] != width:
         pixels = _resize_axis(pixels, width, -1)
     if pixels.shape[-2] != height:
         pixels = _resize_axis(pixels, height, -2)
     return pixels
+
+
+def resize_fixed_point(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resizes ``[N, C, H, W]`` uint8 pixels to ``height`` x ``width`` exactly as torchvision resizes uint8 images on
+    the CPU with antialiased bicubic interpolation: with that very kernel on the CPU, elsewhere (a GPU has no uint8
+    bicubic kernel) with :func:`resize_emulated`, which gives the same integers."""
+    if pixels.device.type == "cpu":
+        return F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return resize_emulated(pixels, height, width)
 
 
 def _is_bicubic(resample) -> bool:
