@@ -23,7 +23,7 @@ from vdr.data.datamodule import RetrievalDataModule
 from vdr.data.errors import DataError
 from vdr.data.images import EncodedImage, decode, verify
 from vdr.data.pages import PageFormat, Pages, resize_emulated, resize_fixed_point
-from vdr.data.schema import SkippedRow, TrainRows
+from vdr.data.schema import TrainRows
 from vdr.lit.base import BackboneConfig
 from vdr.lit.biencoder import BiEncoderModule
 from vdr.models.backbone import load_backbone
@@ -176,6 +176,11 @@ def test_processors_the_device_path_cannot_reproduce_are_refused(processor) -> N
         image_processor.resample = original
     with pytest.raises(ValueError, match="'device' or 'processor'"):
         EmbeddingCollator(processor, page_preprocessing="gpu")
+    import transformers
+
+    if hasattr(transformers, "Qwen2VLImageProcessorPil"):  # the PIL backend: one level apart in a few pixels
+        with pytest.warns(UserWarning, match="resizes with PIL"):
+            PageFormat.of(transformers.Qwen2VLImageProcessorPil(patch_size=16))
 
 
 def test_extreme_aspect_ratio_fails_naming_the_row() -> None:
@@ -190,10 +195,10 @@ def _truncated_jpeg() -> bytes:
     return data[: len(data) // 2]  # the header verifies; the pixels do not decode
 
 
-def _table_with_a_truncated_page(tmp_path: Path) -> Path:
+def _table_with_truncated_pages(tmp_path: Path, bad: tuple[int, ...]) -> Path:
     pages = [_encoded(_noise((64, 64), i), "PNG").data for i in range(16)]
-    negatives = [_encoded(_noise((64, 64), 100 + i), "PNG").data for i in range(16)]
-    negatives[5] = _truncated_jpeg()
+    negatives = [_truncated_jpeg() if i in bad else _encoded(_noise((64, 64), 100 + i), "PNG").data
+                 for i in range(16)]
     table = datasets.Dataset.from_dict(
         {"query": [f"query {i}" for i in range(16)], "image": [{"bytes": p, "path": None} for p in pages],
          "negative_0": [{"bytes": p, "path": None} for p in negatives]},
@@ -204,28 +209,43 @@ def _table_with_a_truncated_page(tmp_path: Path) -> Path:
     return tmp_path / "train"
 
 
-def test_an_undecodable_page_fails_naming_its_row_or_is_skipped_and_counted(tmp_path: Path) -> None:
-    source = _table_with_a_truncated_page(tmp_path)
+def test_an_undecodable_page_fails_naming_its_row_or_is_passed_over_and_counted(tmp_path: Path) -> None:
+    source = _table_with_truncated_pages(tmp_path, bad=(5, 14, 15))
     table = datasets.load_from_disk(str(source))
     rows = TrainRows(table, "train", num_negatives=1)  # the header check passes
     with pytest.raises(DataError, match=r"row 5, column 'negative_0': cannot decode image"):
         rows[5]
+    skipping = TrainRows(table, "train", num_negatives=1, skip_undecodable=True)
     with pytest.warns(UserWarning, match=r"skipping a training row.*row 5"):
-        skipped = TrainRows(table, "train", num_negatives=1, skip_undecodable=True)[5]
-    assert isinstance(skipped, SkippedRow) and skipped.row == 5
+        example = skipping[5]
+    assert (example.row, example.skipped) == (6, 1)  # the next row takes its place
+    with pytest.warns(UserWarning, match=r"row 15"):
+        example = skipping[14]
+    assert (example.row, example.skipped) == (0, 2)  # past the end: from the first row again
+    assert (skipping[3].row, skipping[3].skipped) == (3, 0)
 
-    # In a fit: the batch holding row 5 has 7 rows, and data/skipped_rows counts 1 by the end.
+
+def test_skipping_keeps_batches_whole_and_counts_in_a_fit(tmp_path: Path) -> None:
+    source = _table_with_truncated_pages(tmp_path, bad=(5,))
     module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS))
-    data = RetrievalDataModule(train=str(source), batch_size=8, bad_images="skip")
+    data = RetrievalDataModule(train=str(source), batch_size=4, bad_images="skip")
     sizes = []
 
     class Sizes(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             sizes.append((len(batch), batch.skipped))
 
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Sizes()])
     with pytest.warns(UserWarning, match="row 5"):
         trainer.fit(module, datamodule=data)
-    assert sorted(sizes) == [(7, 1), (8, 0)]
+    assert sorted(sizes) == [(4, 0), (4, 0), (4, 0), (4, 1)]
     assert trainer.callback_metrics["data/skipped_rows"].item() == 1.0
+
+
+def test_collators_convert_pages_of_any_mode(processor) -> None:
+    """Pages given straight to a collator (an encoder's ``pages``) convert as the processor would convert them."""
+    pages = [Image.new("L", (64, 48), 90), Image.new("RGBA", (40, 40), (10, 200, 30, 128))]
+    ours = EmbeddingCollator(processor).encode_pages(pages, "d").model_kwargs()["pixel_values"]
+    reference = EmbeddingCollator(processor, page_preprocessing="processor").encode_pages(pages, "d").pixel_values
+    assert torch.equal(ours, reference)

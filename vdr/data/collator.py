@@ -18,8 +18,9 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from vdr.data.images import to_rgb
 from vdr.data.pages import PageFormat, Pages
-from vdr.data.schema import EncodeExample, SkippedRow, TrainExample
+from vdr.data.schema import EncodeExample, TrainExample
 from vdr.models.inputs import EncoderInputs
 from vdr.models.prompts import EmbeddingPrompts, messages
 
@@ -32,7 +33,7 @@ class RetrievalBatch:
     documents: EncoderInputs  # B * (1 + k) sequences: [positives; negative_0 of every row; ...]
     document_keys: torch.Tensor  # [B * (1 + k)] int64 content hashes, for false-negative masking
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
-    skipped: int = 0  # rows of this batch left out because a page did not decode (bad_images: skip)
+    skipped: int = 0  # undecodable rows passed over to fill this batch (bad_images: skip)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -74,15 +75,6 @@ class ChatCollator:
         self.page_preprocessing = page_preprocessing
         self.page_format = PageFormat.of(self.image_processor) if page_preprocessing == "device" else None
 
-    @staticmethod
-    def present(examples: list) -> tuple[list, int]:
-        """The examples that are not ``SkippedRow``s, and how many were."""
-        kept = [e for e in examples if not isinstance(e, SkippedRow)]
-        if not kept:
-            raise RuntimeError(f"every row of a training batch had a page that did not decode (rows "
-                               f"{[e.row for e in examples]}); the first: {examples[0].reason}")
-        return kept, len(examples) - len(kept)
-
     def render(self, chat: list[dict]) -> str:
         """The exact string the model reads (before image-token expansion)."""
         return self.tokenizer.apply_chat_template(chat, chat_template=self.chat_template, tokenize=False,
@@ -100,7 +92,7 @@ class ChatCollator:
         pixel_values = grid = pages = None
         tokens_per_image: list[int] = []
         if images and self.page_format is not None:
-            pages = Pages.pack(images, self.page_format)
+            pages = Pages.pack([to_rgb(i) if isinstance(i, Image.Image) else i for i in images], self.page_format)
             grid = pages.grid_thw()  # [I, 3]
         elif images:
             vision = self.image_processor(images=images, return_tensors="pt")
@@ -145,12 +137,11 @@ class EmbeddingCollator(ChatCollator):
         self.prompts = prompts or EmbeddingPrompts()
 
     def __call__(self, examples: list) -> RetrievalBatch | EncodeBatch:
-        if isinstance(examples[0], TrainExample | SkippedRow):
+        if isinstance(examples[0], TrainExample):
             return self.collate_train(examples)
         return self.collate_encode(examples)
 
-    def collate_train(self, examples: list[TrainExample | SkippedRow]) -> RetrievalBatch:
-        examples, skipped = self.present(examples)
+    def collate_train(self, examples: list[TrainExample]) -> RetrievalBatch:
         columns = len(examples[0].pages)
         if any(len(e.pages) != columns for e in examples):
             raise ValueError("all rows of a batch must have the same number of hard negatives")
@@ -161,7 +152,7 @@ class EmbeddingCollator(ChatCollator):
             documents=self.encode_pages(pages, self.prompts.document),
             document_keys=torch.tensor(keys, dtype=torch.int64),
             rows=torch.tensor([e.row for e in examples], dtype=torch.int64),
-            skipped=skipped,
+            skipped=sum(e.skipped for e in examples),
         )
 
     def collate_encode(self, examples: list[EncodeExample]) -> EncodeBatch:

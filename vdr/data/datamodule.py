@@ -61,7 +61,8 @@ class RetrievalDataModule(L.LightningDataModule):
         num_negatives: Hard-negative columns per row to train with (negative_0 ..).
         batch_size: Training queries per step per device (with ``max_tokens_per_batch``: the most per step).
         eval_batch_size: Queries or pages embedded per eval step.
-        num_workers: DataLoader worker processes (decoding and page preprocessing run there).
+        num_workers: DataLoader worker processes: they decode pages and tokenize (and run the HF image processor with
+            the module's ``page_preprocessing: processor``).
         verify_images: Check every image header at setup, so a corrupt file fails before training.
         synthetic: When set, generate the synthetic VDR data with this config into ``synthetic_dir`` if it is
             missing, and use it for ``train`` and ``eval`` unless those are given.
@@ -71,7 +72,8 @@ class RetrievalDataModule(L.LightningDataModule):
             tokens (B x longest query + B x (1 + k) x longest page) stay under this, the same number of batches on
             every rank and in every epoch (``vdr.data.batching``). None: fixed ``batch_size`` batches.
         bad_images: A training page that does not decode: ``"fail"`` the run naming its row, or ``"skip"`` the row
-            (a warning names it; ``data/skipped_rows`` counts them). Eval pages always fail: the corpus must be whole.
+            (the next row takes its place, a warning names it, ``data/skipped_rows`` counts them). Eval pages always
+            fail: the corpus must be whole.
     """
 
     def __init__(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ from PIL import Image
 
 # The aspect ratio beyond which Qwen2-VL's resize refuses a page.
 MAX_ASPECT_RATIO = 200
-# Source pixels resized at once: the int32 sums of a pass are 4 bytes per output value (~0.4 GB at most).
-MAX_CHUNK_PIXELS = 1 << 25
+# Pixels resized at once (the larger of a page's source and output size, summed over the pages of a chunk): a pass
+# holds int32 sums and one int32 tap per channel of each, about 24 bytes a pixel: ~0.4 GB at this budget.
+MAX_CHUNK_PIXELS = 1 << 24
 
 
 def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -98,7 +100,7 @@ def _bicubic_weights(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.T
 
 
 def _resize_axis(pixels: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
-    """One pass of :func:`resize_fixed_point` along ``dim`` (-1 or -2) of uint8 pixels; uint8 out."""
+    """One pass of :func:`resize_emulated` along ``dim`` (-1 or -2) of uint8 pixels; uint8 out."""
     index, weight, precision = _bicubic_weights(pixels.shape[dim], out_size)
     index, weight = index.to(pixels.device), weight.to(pixels.device)
     shape = [out_size] + [1] * (-1 - dim)  # weights broadcast along the resized dim
@@ -160,6 +162,12 @@ class PageFormat:
         if not _is_bicubic(resample):
             raise ValueError(f"page_preprocessing 'device' resizes bicubically like Qwen's processors; this one "
                              f"resamples with {resample!r} (use page_preprocessing 'processor')")
+        backend = getattr(image_processor, "backend", None) or (
+            "torchvision" if type(image_processor).__name__.endswith("Fast") else "pil")
+        if backend != "torchvision":
+            warnings.warn(f"{type(image_processor).__name__} resizes with PIL; page_preprocessing 'device' reproduces "
+                          "the torchvision backend (Qwen2VLImageProcessor), whose pixels differ from PIL's by at most "
+                          "one level in a few pixels", stacklevel=2)
         size = image_processor.size
         mean, std = image_processor.image_mean, image_processor.image_std
         return cls(
@@ -260,9 +268,10 @@ class Pages:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)  # pages of one size resize as one batch
         for i, shape in enumerate(self.shapes):
             groups[shape].append(i)
-        chunks = []  # pages of one size, at most ~MAX_CHUNK_PIXELS source pixels at a time (bounds the int32 temps)
+        chunks = []  # pages of one size, about MAX_CHUNK_PIXELS at a time (bounds the int32 temporaries)
         for (height, width), members in groups.items():
-            step = max(1, MAX_CHUNK_PIXELS // (height * width))
+            _, grid_h, grid_w = grids[members[0]]
+            step = max(1, MAX_CHUNK_PIXELS // max(height * width, grid_h * grid_w * p * p))
             chunks.extend(members[i : i + step] for i in range(0, len(members), step))
         for members in chunks:
             height, width = self.shapes[members[0]]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vdr.data.collator import ChatCollator, PagePreprocessing
-from vdr.data.schema import PairExample, ScorePair, SkippedRow, TrainExample
+from vdr.data.schema import PairExample, ScorePair, TrainExample
 from vdr.models.inputs import EncoderInputs
 from vdr.models.processor import DEFAULT_RERANK_INSTRUCTION, reranker_chat_template
 
@@ -28,7 +28,7 @@ class RerankBatch:
     mask: torch.Tensor  # [B, G] bool, False: not a candidate of this group (its own positive again)
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
     teacher: torch.Tensor | None = None  # [B, G] teacher scores (distillation)
-    skipped: int = 0  # rows of this batch left out because a page did not decode (bad_images: skip)
+    skipped: int = 0  # undecodable rows passed over to fill this batch (bad_images: skip)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -71,11 +71,13 @@ class RerankCollator(ChatCollator):
         self.instruction, self.batch_negatives = instruction, batch_negatives
 
     def __call__(self, examples: list) -> RerankBatch | ScoreBatch:
-        if not isinstance(examples[0], TrainExample | PairExample | SkippedRow):
+        if isinstance(examples[0], TrainExample):
+            batch = self.collate_groups(examples)
+        elif isinstance(examples[0], PairExample):
+            batch = self.collate_labeled(examples)
+        else:
             return self.collate_pairs(examples)
-        kept, skipped = self.present(examples)
-        batch = self.collate_groups(kept) if isinstance(kept[0], TrainExample) else self.collate_labeled(kept)
-        batch.skipped = skipped
+        batch.skipped = sum(e.skipped for e in examples)
         return batch
 
     def encode_pairs(self, queries: list[str], images: list[Image.Image]) -> EncoderInputs:

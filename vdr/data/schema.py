@@ -10,7 +10,7 @@ Evaluation sets are three tables: ``queries`` (``id``, ``text``), ``corpus`` (``
 
 Everything that can be checked without decoding pixels is checked when the dataset is built, so a bad row
 fails the run before any training; pixels that do not decode fail when their row is loaded, naming the row (or, with
-``skip_undecodable``, the training row is skipped with a warning and counted).
+``skip_undecodable``, the training row is passed over for the next one, with a warning, and counted).
 """
 
 from __future__ import annotations
@@ -39,14 +39,7 @@ class TrainExample:
     pages: list[Image.Image]
     page_keys: list[int]  # content hashes, aligned with ``pages``
     teacher: list[float] | None = None  # teacher scores, aligned with ``pages`` (reranker distillation)
-
-
-@dataclass
-class SkippedRow:
-    """A training row left out because a page of it did not decode (``bad_images: skip``); collators drop it."""
-
-    row: int
-    reason: str
+    skipped: int = 0  # undecodable rows passed over to reach this one (bad_images: skip)
 
 
 @dataclass
@@ -58,6 +51,7 @@ class PairExample:
     page: Image.Image
     page_key: int
     label: float
+    skipped: int = 0  # undecodable rows passed over to reach this one (bad_images: skip)
 
 
 @dataclass
@@ -146,11 +140,24 @@ def _verify_images(table: datasets.Dataset, name: str, columns: list[str], root:
                    dataset=name, row=row, column=column)
 
 
-def _skipped(row: int, error: DataError, skip: bool) -> SkippedRow:
-    if not skip:
-        raise error
-    warnings.warn(f"skipping a training row (bad_images: skip): {error}", stacklevel=2)
-    return SkippedRow(row, str(error))
+def _first_decodable(dataset, row: int, load: Callable[[int], TrainExample | PairExample], skip: bool):
+    """``load(row)``; with ``skip``, a row whose page does not decode is passed over (warned) for the next one.
+
+    Passing over rather than dropping keeps every batch at its size: no empty batch with a batch size of 1, no rank
+    of a DDP step with fewer rows than its collectives expect, no reranker group short of its batch negatives.
+    """
+    for offset in range(len(dataset)):
+        candidate = (row + offset) % len(dataset)
+        try:
+            example = load(candidate)
+        except DataError as error:
+            if not skip:
+                raise
+            warnings.warn(f"skipping a training row (bad_images: skip): {error}", stacklevel=3)
+            continue
+        example.skipped = offset
+        return example
+    raise DataError(dataset.name, "no row has pages that decode")
 
 
 class TrainRows(torch.utils.data.Dataset):
@@ -163,8 +170,8 @@ class TrainRows(torch.utils.data.Dataset):
         root: Directory that relative image paths are resolved against.
         verify_images: Check every image header up front (reads each file once; no pixel decoding for PNG).
         teacher_column: A column of teacher scores to attach to each example (reranker distillation).
-        skip_undecodable: A row whose page does not decode becomes a ``SkippedRow`` (with a warning naming it) instead
-            of failing the run.
+        skip_undecodable: A row whose page does not decode is passed over for the next row (a warning names it;
+            ``TrainExample.skipped`` counts it) instead of failing the run.
     """
 
     def __init__(self, table: datasets.Dataset, name: str, *, num_negatives: int = 0, root: str | None = None,
@@ -195,13 +202,13 @@ class TrainRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, row: int) -> TrainExample | SkippedRow:
+    def __getitem__(self, row: int) -> TrainExample:
+        return _first_decodable(self, row, self._load, self.skip_undecodable)
+
+    def _load(self, row: int) -> TrainExample:
         record = self.table[row]
         encoded = [self._read(record[c], row, c) for c in self.image_columns]
-        try:
-            pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
-        except DataError as error:
-            return _skipped(row, error, self.skip_undecodable)
+        pages = [decode(e, dataset=self.name, row=row, column=c) for e, c in zip(encoded, self.image_columns)]
         teacher = self.teacher[row] if self.teacher is not None else None
         return TrainExample(row=row, query=record["query"], pages=pages, page_keys=[e.key for e in encoded],
                             teacher=teacher)
@@ -218,7 +225,8 @@ class PairRows(torch.utils.data.Dataset):
         name: How the user named it (used in error messages).
         root: Directory that relative image paths are resolved against.
         verify_images: Check every image header up front.
-        skip_undecodable: A pair whose page does not decode becomes a ``SkippedRow`` instead of failing the run.
+        skip_undecodable: A pair whose page does not decode is passed over for the next pair instead of failing the
+            run.
     """
 
     def __init__(self, table: datasets.Dataset, name: str, *, root: str | None = None,
@@ -243,13 +251,13 @@ class PairRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
-    def __getitem__(self, row: int) -> PairExample | SkippedRow:
+    def __getitem__(self, row: int) -> PairExample:
+        return _first_decodable(self, row, self._load, self.skip_undecodable)
+
+    def _load(self, row: int) -> PairExample:
         record = self.table[row]
         encoded = read_encoded(record["image"], dataset=self.name, row=row, column="image", root=self.root)
-        try:
-            page = decode(encoded, dataset=self.name, row=row, column="image")
-        except DataError as error:
-            return _skipped(row, error, self.skip_undecodable)
+        page = decode(encoded, dataset=self.name, row=row, column="image")
         return PairExample(row=row, query=record["query"], page=page, page_key=encoded.key, label=self.labels[row])
 
 
