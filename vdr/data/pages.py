@@ -15,7 +15,8 @@ support widened by the scale when shrinking, weights rounded to int16 at the fin
 then a vertical pass, each rounded and clamped to [0, 255]). ``resize_fixed_point`` calls that kernel on the CPU and,
 on a GPU (which has no uint8 bicubic kernel), ``resize_emulated``: the same integers from int32 tensor ops. Run on a
 GPU, the processor itself takes a float32 bicubic route instead, which differs from its own CPU result by up to 16
-levels on noise and 1-2 levels on pages; training on the CPU's pixels keeps training and serving on the same ones.
+levels on noise and up to 10 levels (in 2-4% of the values) on rendered pages; training on the CPU's pixels keeps
+training and serving on the same ones.
 """
 
 from __future__ import annotations
