@@ -23,7 +23,7 @@ from vdr.data.datamodule import RetrievalDataModule
 from vdr.data.errors import DataError
 from vdr.data.images import EncodedImage, decode, verify
 from vdr.data.pages import PageFormat, Pages, resize_emulated, resize_fixed_point
-from vdr.data.schema import TrainRows
+from vdr.data.schema import EncodeExample, TrainRows
 from vdr.lit.base import BackboneConfig
 from vdr.lit.biencoder import BiEncoderModule
 from vdr.models.backbone import load_backbone
@@ -249,3 +249,38 @@ def test_collators_convert_pages_of_any_mode(processor) -> None:
     ours = EmbeddingCollator(processor).encode_pages(pages, "d").model_kwargs()["pixel_values"]
     reference = EmbeddingCollator(processor, page_preprocessing="processor").encode_pages(pages, "d").pixel_values
     assert torch.equal(ours, reference)
+
+
+def test_batches_pin_every_tensor_they_hold(processor, monkeypatch) -> None:
+    """``DataLoader(pin_memory=True)`` calls a batch's ``pin_memory``: every tensor, nested pages included, is pinned
+    and the structure (shapes, format, counts) survives. Pinning needs a GPU, so it is recorded here instead."""
+    from vdr.data.schema import TrainExample
+
+    collator = EmbeddingCollator(processor)
+    pages = [[_noise((64, 80), 2 * r), _noise((90, 40), 2 * r + 1)] for r in range(2)]
+    batch = collator([TrainExample(r, f"q{r}", pages[r], [2 * r, 2 * r + 1], skipped=r) for r in range(2)])
+    pinned = []
+
+    def fake_pin(tensor):
+        copy = tensor.clone()
+        pinned.append(copy)
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = batch.pin_memory()
+    sides = [out.queries, out.documents]
+    tensors = [getattr(side, name) for side in sides for name in ("input_ids", "attention_mask", "mm_token_type_ids")]
+    tensors += [out.documents.image_grid_thw, out.documents.pages.pixels, out.document_keys, out.rows]
+    assert all(any(t is p for p in pinned) for t in tensors)
+    assert out.documents.pages.shapes == batch.documents.pages.shapes and out.skipped == 1
+    assert torch.equal(out.documents.model_kwargs()["pixel_values"], batch.documents.model_kwargs()["pixel_values"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_pinning_loader_pins_the_pages(processor) -> None:
+    images = [_noise((64, 80), i) for i in range(4)]
+    examples = [EncodeExample(index=i, image=image) for i, image in enumerate(images)]
+    loader = torch.utils.data.DataLoader(examples, batch_size=4, collate_fn=EmbeddingCollator(processor),
+                                         pin_memory=True)
+    assert next(iter(loader)).inputs.pages.pixels.is_pinned()

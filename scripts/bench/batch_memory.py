@@ -145,6 +145,7 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
     data = torch.utils.data.DataLoader(Pages(setting.batch * steps, args.page), batch_size=setting.batch,
                                        collate_fn=module.collator, num_workers=args.workers,
+                                       pin_memory=args.device == "cuda",
                                        persistent_workers=False, prefetch_factor=4 if args.workers else None)
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=steps, precision=precision, logger=False,

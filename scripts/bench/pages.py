@@ -87,7 +87,7 @@ def run(route: str, workers: int, files: list[bytes], processor, args) -> dict:
     collate = ProcessorCollate(processor.image_processor) if route == "processor" else PackCollate(
         PageFormat.of(processor.image_processor))
     loader = torch.utils.data.DataLoader(Files(files), batch_size=args.batch, collate_fn=collate, num_workers=workers,
-                                         pin_memory=device.type == "cuda" and route == "processor",
+                                         pin_memory=device.type == "cuda",
                                          prefetch_factor=4 if workers else None)
     pages = patches = 0
     started = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from PIL import Image
 
 from vdr.data.images import to_rgb
@@ -25,8 +26,16 @@ from vdr.models.inputs import EncoderInputs
 from vdr.models.prompts import EmbeddingPrompts, messages
 
 
+class Pinnable:
+    """A batch dataclass that ``DataLoader(pin_memory=True)`` pins: every tensor in it, nested ones included, moves to
+    page-locked memory in the loader's pinning thread, so the copy to the GPU runs asynchronously."""
+
+    def pin_memory(self):
+        return apply_to_collection(self, torch.Tensor, lambda tensor: tensor.pin_memory())
+
+
 @dataclass
-class RetrievalBatch:
+class RetrievalBatch(Pinnable):
     """A training batch: B queries and their pages, positives first then each hard-negative column."""
 
     queries: EncoderInputs  # B sequences
@@ -40,7 +49,7 @@ class RetrievalBatch:
 
 
 @dataclass
-class EncodeBatch:
+class EncodeBatch(Pinnable):
     """Eval queries or corpus pages to embed, with their rows in their table."""
 
     inputs: EncoderInputs

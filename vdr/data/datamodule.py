@@ -156,6 +156,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=generator,
             num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -181,7 +182,14 @@ class RetrievalDataModule(L.LightningDataModule):
         rank_zero_info(f"token-budget batching: {len(sampler)} batches per epoch per rank (of {len(self.train_rows)} "
                        f"rows, at most {self.max_tokens_per_batch} padded tokens and {self.batch_size} rows each)")
         return DataLoader(self.train_rows, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=self.collator, persistent_workers=self.num_workers > 0)
+                          collate_fn=self.collator, persistent_workers=self.num_workers > 0,
+                          pin_memory=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Batches go to a GPU: pin them (the loader's thread does it), so Lightning's non-blocking copy is async."""
+        from lightning.pytorch.accelerators import CUDAAccelerator
+
+        return isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.eval_set is None:

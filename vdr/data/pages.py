@@ -247,6 +247,9 @@ class Pages:
         starts = self._starts()
         return Pages(self.pixels[starts[start] : starts[stop]], self.shapes[start:stop], self.format)
 
+    def pin_memory(self) -> Pages:
+        return Pages(self.pixels.pin_memory(), self.shapes, self.format)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Pages:
         return Pages(self.pixels.to(device, non_blocking=non_blocking), self.shapes, self.format)
 

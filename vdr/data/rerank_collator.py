@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vdr.data.collator import ChatCollator, PagePreprocessing
+from vdr.data.collator import ChatCollator, PagePreprocessing, Pinnable
 from vdr.data.schema import PairExample, ScorePair, TrainExample
 from vdr.models.inputs import EncoderInputs
 from vdr.models.processor import DEFAULT_RERANK_INSTRUCTION, reranker_chat_template
 
 
 @dataclass
-class RerankBatch:
+class RerankBatch(Pinnable):
     """B groups of G candidates to score together."""
 
     inputs: EncoderInputs  # B * G sequences, group by group
@@ -35,7 +35,7 @@ class RerankBatch:
 
 
 @dataclass
-class ScoreBatch:
+class ScoreBatch(Pinnable):
     """Pairs to score, with their positions in the flattened candidate lists."""
 
     inputs: EncoderInputs
