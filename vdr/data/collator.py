@@ -81,7 +81,7 @@ class ChatCollator:
         self.chat_template = chat_template
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.merge_area = self.image_processor.merge_size**2
-        self.page_preprocessing = page_preprocessing
+        # None: the processor makes the patches here.
         self.page_format = PageFormat.of(self.image_processor) if page_preprocessing == "device" else None
 
     def render(self, chat: list[dict]) -> str:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -187,8 +188,6 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def _pin_memory(self) -> bool:
         """Batches go to a GPU: pin them (the loader's thread does it), so Lightning's non-blocking copy is async."""
-        from lightning.pytorch.accelerators import CUDAAccelerator
-
         return isinstance(getattr(self.trainer, "accelerator", None), CUDAAccelerator)
 
     def val_dataloader(self) -> list[DataLoader]:

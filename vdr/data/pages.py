@@ -220,8 +220,6 @@ class Pages:
         """Concatenates the pages' pixels (in a DataLoader worker: one copy, no float conversion)."""
         arrays = [rgb_array(image) for image in images]
         shapes = [(int(a.shape[0]), int(a.shape[1])) for a in arrays]
-        for height, width in shapes:
-            format.resized(height, width)  # an aspect ratio the resize refuses fails here, in the worker
         pixels = np.empty(sum(a.size for a in arrays), dtype=np.uint8)
         start = 0
         for array in arrays:  # one copy per page, into the batch's buffer
@@ -278,10 +276,9 @@ class Pages:
             step = max(1, MAX_CHUNK_PIXELS // max(height * width, grid_h * grid_w * p * p))
             chunks.extend(members[i : i + step] for i in range(0, len(members), step))
         for members in chunks:
-            height, width = self.shapes[members[0]]
+            (height, width), (_, grid_h, grid_w) = self.shapes[members[0]], grids[members[0]]
             pages = torch.stack([self.pixels[starts[i] : starts[i + 1]].view(height, width, 3) for i in members])
             pages = pages.permute(0, 3, 1, 2)  # [n, 3, h, w]
-            _, grid_h, grid_w = grids[members[0]]
             if (grid_h * p, grid_w * p) != (height, width):
                 pages = resize_fixed_point(pages, grid_h * p, grid_w * p)
             pages = pages.to(torch.float32, memory_format=torch.contiguous_format).sub_(mean).div_(std)
