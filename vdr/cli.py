@@ -1,5 +1,5 @@
-"""The ``vdr`` command: LightningCLI subcommands (fit, validate, test), ``vdr export``, ``vdr evaluate`` and data tools
-(``vdr data synth``).
+"""The ``vdr`` command: LightningCLI subcommands (fit, validate, test), ``vdr export``, ``vdr evaluate``, research tools
+(``vdr mine``, ``vdr ablate``) and data tools (``vdr data synth``).
 
 Configs compose: ``vdr fit --config configs/trainer/cpu.yaml --config configs/model/demo.yaml ...``; later files
 and flags override earlier ones. ``main(argv)`` is what the console script and the tests call.
@@ -123,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         from vdr.evaluation.run import evaluate_command
 
         return _tool_main(evaluate_command, words[1:])
+    if words and words[0] == "mine":
+        from vdr.mining.command import mine_command
+
+        return _tool_main(mine_command, words[1:])
+    if words and words[0] == "ablate":
+        from vdr.ablation.command import ablate_command
+
+        return _tool_main(ablate_command, words[1:])
     VdrCLI(args=expand_includes(words), save_config_kwargs={"overwrite": False})
     return 0
 

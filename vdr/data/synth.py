@@ -27,13 +27,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-if TYPE_CHECKING:
-    # Imported lazily at runtime: rendering alone (e.g. in a dataloader or a notebook) should not pay for datasets.
-    import datasets
+from vdr.data.writing import check_target, move_into_place, temporary_sibling, write_dataset
 
 # Bump when the rendering or planning changes in a way that alters the produced bytes, so cached datasets can be told
 # apart from fresh ones via synth.json.
@@ -510,51 +508,6 @@ def render_spec(
 # Writing
 # --------------------------------------------------------------------------------------------------------------------
 
-# Rows are turned into Arrow tables in chunks so that only PNG bytes, never all decoded images, are held in memory.
-_CHUNK_ROWS = 512
-
-
-def _write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path) -> None:
-    import datasets
-
-    chunks = []
-    buffer: list[dict] = []
-    for row in rows:
-        buffer.append(row)
-        if len(buffer) == _CHUNK_ROWS:
-            chunks.append(datasets.Dataset.from_list(buffer, features=features))
-            buffer = []
-    if buffer or not chunks:
-        chunks.append(datasets.Dataset.from_list(buffer, features=features))
-    dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
-    # save_to_disk draws its own per-shard bars; they would interleave with ours, so mute them just for this call and
-    # restore whatever the caller had configured globally.
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        dataset.save_to_disk(str(path))
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
-
-
-def _check_target(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite):
-        raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
-
-
-def _move_into_place(tmp_dir: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        # rename() cannot replace a non-empty directory, so park the old one first; the window without a dataset at
-        # output_dir is a single rename, and never shows a partial one.
-        old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-        os.replace(tmp_dir, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, output_dir)
-
-
 def generate(
     output_dir: str | os.PathLike, config: SynthConfig, *, progress: bool = True, overwrite: bool = False
 ) -> SynthPaths:
@@ -580,17 +533,13 @@ def generate(
     from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
-    _check_target(output_dir, overwrite)
+    check_target(output_dir, overwrite)
     the_plan = plan(config)
     size, blank, size_range = config.image_size, config.blank_query_text, config.page_size_range
     k = config.num_negatives
     total_pages = len(the_plan.train) * (1 + k) + len(the_plan.corpus)
 
-    tmp_dir = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
-    if tmp_dir.exists():
-        shutil.rmtree(tmp_dir)  # left over from a crashed run that happened to have our pid
-    tmp_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir.mkdir()
+    tmp_dir = temporary_sibling(output_dir)
     try:
         with tqdm(total=total_pages, desc="synth pages", unit="page", disable=not progress) as bar:
 
@@ -613,20 +562,20 @@ def generate(
                 {"query": datasets.Value("string"), "image": datasets.Image()}
                 | {f"negative_{i}": datasets.Image() for i in range(k)}
             )
-            _write_dataset(train_rows(), train_features, tmp_dir / "train")
-            _write_dataset(
+            write_dataset(train_rows(), train_features, tmp_dir / "train")
+            write_dataset(
                 corpus_rows(),
                 datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()}),
                 tmp_dir / "eval" / "corpus",
             )
 
-        _write_dataset(
+        write_dataset(
             iter({"id": q.id, "text": q.text} for q in the_plan.queries),
             datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")}),
             tmp_dir / "eval" / "queries",
         )
         qrels = the_plan.qrels()
-        _write_dataset(
+        write_dataset(
             iter({"query_id": q, "corpus_id": c, "score": s} for q, c, s in qrels),
             datasets.Features(
                 {
@@ -652,7 +601,7 @@ def generate(
             },
         }
         (tmp_dir / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _move_into_place(tmp_dir, output_dir)
+        move_into_place(tmp_dir, output_dir)
     except BaseException:
         # Includes KeyboardInterrupt: an interrupted run leaves neither a partial output_dir nor a stray temp dir.
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""Writing datasets so that a crash or a bad input never leaves a half-written or clobbered output.
+
+Rows stream into Arrow tables in chunks (only encoded page bytes are held, never decoded images), the dataset is
+saved into a temporary sibling directory, and moved over the target in one rename at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import datasets
+
+CHUNK_ROWS = 512
+
+
+def write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path) -> None:
+    """Saves ``rows`` (dicts matching ``features``) with ``save_to_disk`` at ``path``, ``CHUNK_ROWS`` rows at a time."""
+    import datasets
+
+    chunks = []
+    buffer: list[dict] = []
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) == CHUNK_ROWS:
+            chunks.append(datasets.Dataset.from_list(buffer, features=features))
+            buffer = []
+    if buffer or not chunks:
+        chunks.append(datasets.Dataset.from_list(buffer, features=features))
+    dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
+    # save_to_disk draws its own per-shard bars; they would interleave with ours, so mute them just for this call and
+    # restore whatever the caller had configured globally.
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        dataset.save_to_disk(str(path))
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def check_target(output_dir: Path, overwrite: bool) -> None:
+    """Refuses to write over a file, or over a non-empty directory unless ``overwrite``."""
+    if output_dir.is_file() or (output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite):
+        raise FileExistsError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
+
+
+def temporary_sibling(output_dir: Path) -> Path:
+    """A fresh directory beside ``output_dir`` (same file system, so the final move is one rename)."""
+    tmp_dir = output_dir.with_name(f"{output_dir.name}.tmp-{os.getpid()}")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)  # left over from a crashed run that happened to have our pid
+    tmp_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir()
+    return tmp_dir
+
+
+def move_into_place(tmp_dir: Path, output_dir: Path) -> None:
+    """Moves a finished ``tmp_dir`` to ``output_dir``, replacing what was there only now that the new one is whole."""
+    if output_dir.exists():
+        # rename() cannot replace a non-empty directory, so park the old one first; the window without a dataset at
+        # output_dir is a single rename, and never shows a partial one.
+        old = output_dir.with_name(f"{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, old)
+        os.replace(tmp_dir, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, output_dir)
