@@ -16,12 +16,15 @@ from vdr.lit.base import VdrModule
 
 from .conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Ablation grids (configs/ablations/) are not `vdr fit` configs: each of their runs is parsed below instead.
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "ablations" not in p.parts)
+GRIDS = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
 
 
 def test_configs_exist() -> None:
     assert len(CONFIGS) >= 8
     assert (REPO / "configs" / "demo.yaml") in CONFIGS
+    assert GRIDS, "configs/ablations/ lost its example grid"
 
 
 def _parser() -> LightningArgumentParser:
@@ -43,6 +46,17 @@ def test_every_config_parses(path: Path) -> None:
     assert isinstance(content, dict) and content, f"{path} is empty"
     config = _parser().parse_args(expand_includes(["--config", str(path)]))
     assert config is not None
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=[p.name for p in GRIDS])
+def test_every_run_of_every_shipped_grid_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vdr.ablation.grid import load_grid
+
+    monkeypatch.chdir(REPO)  # grids name their configs relative to the repository root, as the commands run there
+    runs = load_grid(path).runs()
+    assert runs
+    for run in runs:
+        assert _parser().parse_args(expand_includes(list(run.fit_args))) is not None, run.name
 
 
 def test_demo_config_instantiates_on_cpu() -> None:
