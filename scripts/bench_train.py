@@ -24,6 +24,11 @@ runs the forward and loss under bf16 autocast (with ``--dtype float32``: fp32 ma
 ``configs/trainer/gpu.yaml`` trains with); ``bf16-true`` casts the module to bf16 and makes bf16 the default dtype
 during the forward. The reference trainer's "bf16 weights" run is ``--dtype bfloat16 --precision bf16-mixed``.
 
+What the ratio holds: our ``training_step`` also checks the loss for NaN (one host sync per step) and logs, which
+the bare loop does not; that is part of the Lightning overhead measured here. Against the reference trainer's anchor
+the script compares wall samples/s, but our batches are pre-collated and already rendered, while the reference's
+timing includes its collation and copy: a real-data comparison belongs to ``scripts/bench/batch_memory.py``.
+
 Step time runs from Lightning's batch-start hook to its batch-end hook (the GPU synchronised at both): forward, loss,
 backward, clipping and optimizer step, but not moving the batch to the device, which Lightning does before the hook
 (the bare loop moves it before its clock starts too). ``wall samples/s`` counts everything between the first timed
@@ -419,14 +424,17 @@ def report(rows: list[dict], compare: dict | None) -> None:
               f"fp32 master weights {a['bare_fp32_master_samples_per_s']} samples/s"
               + ("" if "H200" in (ours["gpu"] or "") else f"  [this run: {ours['gpu']}, not an H200]"))
         checks = [
-            ("samples/s >= 2x the reference trainer", ours["samples_per_s"] / a["trainer_samples_per_s"], 2.0),
+            # Wall samples/s (loop overhead between steps included) against the reference's mean step: its timing
+            # also holds collation and the host-to-device copy, which our pre-collated batches do not, so treat a
+            # narrow "met" with care and confirm with a real-data run (scripts/bench/batch_memory.py).
+            ("samples/s >= 2x the reference trainer", ours["wall_samples_per_s"] / a["trainer_samples_per_s"], 2.0),
             ("peak memory <= the reference's 28 GiB", a["trainer_bf16_weights_peak_gib"] / ours["peak_mem_gib"], 1.0),
             ("MFU >= 40%", (ours["mfu"] or 0.0) / 0.40, 1.0),
         ]
         if compare:
             checks.append(("lightning within 10% of the bare loop", compare["samples_per_s"] / 0.9, 1.0))
-        speedup = ours["samples_per_s"] / a["trainer_samples_per_s"]
-        print(f"ours: {ours['samples_per_s']:.2f} samples/s = {speedup:.2f}x the reference trainer, "
+        speedup = ours["wall_samples_per_s"] / a["trainer_samples_per_s"]
+        print(f"ours: {ours['wall_samples_per_s']:.2f} samples/s (wall) = {speedup:.2f}x the reference trainer, "
               f"{ours['peak_mem_gib']:.1f} GiB peak, {_pct(ours['mfu'])} MFU")
         for name, value, needed in checks:
             print(f"  {'met ' if value >= needed else 'MISS'} {name}")

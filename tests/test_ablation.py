@@ -191,6 +191,9 @@ def test_failures_are_recorded_retried_and_changed_commands_refused(tmp_path: Pa
     ablate_command(path, Path("out"), quiet=True, rerun_changed=True)
     assert Outcome.read(runs / "x=good/result.json").attempt == 1
     assert "--trainer.max_steps 4" in " ".join(Outcome.read(runs / "x=good/attempt_0.json").command)
+    Path(base).write_text("trainer: {max_steps: 2}\n")  # the same flags over a changed config: another run
+    with pytest.raises(GridError, match="x=good .*contents of a config file it reads changed"):
+        ablate_command(path, Path("out"), quiet=True)
 
 
 def test_markdown_bolds_the_best_finished_value_per_column(tmp_path: Path, base: str) -> None:
@@ -266,3 +269,15 @@ def test_ablation_resumes_and_writes_csv_table_and_plots(tiny_synth: Path, tmp_p
     assert RunDir(runs, names[0]).attempts() == [0] and RunDir(runs, names[1]).attempts() == [0, 1]
     assert (runs / names[1] / "attempt_0/config.yaml").is_file()  # the earlier attempt is kept
     assert [r["attempt"] for r in _csv(tmp_path / "out/results.csv")] == ["0", "1"]
+
+
+def test_a_second_sweep_on_the_same_output_is_refused(tmp_path: Path, base: str) -> None:
+    import fcntl
+
+    path = _write(tmp_path / "g.yaml", {"base": base, "grid": {"model.x": [1]}})
+    Path("out").mkdir()
+    with open("out/.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a sweep in progress
+        with pytest.raises(GridError, match="another vdr ablate is running on out"):
+            ablate_command(path, Path("out"), quiet=True)
+    assert not Path("out/runs").exists()

@@ -87,7 +87,7 @@ def test_random_sampling_draws_only_survivors_and_follows_its_seed() -> None:
     generator = torch.Generator().manual_seed(1)
     ranked, scores, positives, excluded = random_ranking(generator, rows=30, depth=24, corpus=60)
     positive = torch.ones(30)
-    draws = []
+    draws, in_score_order = [], []
     for seed in (0, 0, 1):
         settings = MiningSettings(num_negatives=3, range_min=2, range_max=18, absolute_margin=0.2, sampling="random",
                                   seed=seed)
@@ -99,7 +99,9 @@ def test_random_sampling_draws_only_survivors_and_follows_its_seed() -> None:
             if chosen.kept[r]:
                 assert set(chosen.rows[r].tolist()) <= set(pool)
                 picked = chosen.scores[r]
-                assert (picked[:-1] >= picked[1:]).all()  # written best-scored first
+                in_score_order.append(bool((picked[:-1] >= picked[1:]).all()))
+    # Written in draw order: the first column of random negatives is itself a uniform draw, not the hardest of k.
+    assert not all(in_score_order)
     assert torch.equal(draws[0], draws[1])  # same seed, same draw
     assert not torch.equal(draws[0], draws[2])  # another seed, another draw
 
@@ -246,18 +248,50 @@ def test_reranker_rescoring_orders_and_scores_by_the_reranker(checkpoint: Path, 
     torch.testing.assert_close(scores[:, 0], positives, atol=1e-4, rtol=0)
 
 
-def test_bad_input_fails_before_any_model_work_and_keeps_what_was_written(tiny_synth: Path, tmp_path: Path) -> None:
+def test_bad_input_fails_before_any_model_work_and_keeps_what_was_written(tiny_synth: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
     broken = load_table(str(tiny_synth / "train")).remove_columns("image")
     broken.save_to_disk(str(tmp_path / "broken"))
     # A model that does not exist: the data error must come first.
     assert main(["mine", "--model", str(tmp_path / "no-model.ckpt"), "--data", str(tmp_path / "broken"), "--output",
                  str(tmp_path / "out")]) == 2
+    assert "missing column(s) ['image']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("earlier work")
     assert main(["mine", "--model", str(tmp_path / "no-model.ckpt"), "--data", str(tiny_synth / "train"), "--output",
-                 str(tmp_path / "out")]) == 2  # exists, no --overwrite
+                 str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
+    # An output inside the input would move the input away with --overwrite.
+    assert main(["mine", "--model", str(tmp_path / "no-model.ckpt"), "--data", str(tiny_synth / "train"), "--output",
+                 str(tiny_synth / "train" / "mined"), "--overwrite"]) == 2
+    assert "overlaps --data" in capsys.readouterr().err
+    assert not (tiny_synth / "train" / "mined").exists()
+
+
+def test_an_external_corpus_with_copies_never_yields_a_positive_or_a_page_twice(checkpoint: Path, tiny_synth: Path,
+                                                                               tmp_path: Path) -> None:
+    # The corpus: every training positive, the first five twice more, and the eval pages (another set of pages).
+    train = load_table(str(tiny_synth / "train")).cast_column("image", datasets.Image(decode=False))
+    eval_pages = load_table(str(tiny_synth / "eval" / "corpus")).cast_column("image", datasets.Image(decode=False))
+    images = list(train["image"]) + list(train["image"][:5]) * 2 + list(eval_pages["image"])
+    corpus = datasets.Dataset.from_dict({"id": [str(i) for i in range(len(images))], "image": images},
+                                        features=datasets.Features({"id": datasets.Value("string"),
+                                                                    "image": datasets.Image()}))
+    corpus.save_to_disk(str(tmp_path / "corpus"))
+    report = mine(checkpoint, tiny_synth / "train", tmp_path / "mined", "--num_negatives", "3", "--range_max", "12",
+                  "--corpus", str(tmp_path / "corpus"))
+    assert report["corpus_pages"] == len(set(keys(train, "image"))) + len(eval_pages)  # copies counted once
+    mined = load_table(str(tmp_path / "mined"))
+    positives_of: dict[str, set[int]] = {}
+    for query, key in zip(train["query"], keys(train, "image")):
+        positives_of.setdefault(query, set()).add(key)
+    columns = [keys(mined, f"negative_{i}") for i in range(3)]
+    for row, query in enumerate(mined["query"]):
+        negatives = [column[row] for column in columns]
+        assert len(set(negatives)) == 3  # no page twice in one row
+        assert not set(negatives) & positives_of[query]  # no copy of a positive
 
 
 def test_no_survivor_is_an_error_that_leaves_the_output_alone(checkpoint: Path, tiny_synth: Path,

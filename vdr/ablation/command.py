@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import fcntl
 import shlex
 import shutil
 import time
@@ -45,16 +46,16 @@ def _check_finished(grid: Grid, runs: list[Run], dirs: list[RunDir], rerun_chang
         result = folder.result()
         if result is None:
             continue
-        if result.fit_args != list(run.fit_args):
+        # Another command, or the same command over config files whose contents changed (a longer schedule in the
+        # base config is another run as much as a changed flag is).
+        if result.fit_args != list(run.fit_args) or result.config_sha256 != config_digest(run.fit_args):
             changed.append((run, result))
             continue
         finished.add(run.name)
-        if result.config_sha256 != config_digest(run.fit_args):
-            print(f"note: a config file {run.name} read has changed since it finished; its result stands (delete "
-                  f"{folder.path / 'result.json'} to rerun it)")
     if changed and not rerun_changed:
         run, result = changed[0]
-        difference = _difference(result.fit_args, list(run.fit_args))
+        difference = (_difference(result.fit_args, list(run.fit_args)) if result.fit_args != list(run.fit_args)
+                      else "the contents of a config file it reads changed")
         raise GridError(
             f"{grid.path}: {len(changed)} finished run(s) now have another command: "
             f"{', '.join(r.name for r, _ in changed)} (e.g. {run.name}: {difference})."
@@ -86,11 +87,12 @@ def ablate_command(grid: Path, output: Path, dry_run: bool = False, rerun_change
             random: {data.train: checkpoints/data/random/train}
 
     A run is finished when OUTPUT/runs/RUN/result.json exists: rerunning the command skips it, and reruns failed and
-    interrupted runs as a new attempt (attempt_N, earlier ones kept). A finished run whose command the grid file has
-    since changed stops the sweep before anything runs, unless --rerun_changed. After every run, OUTPUT/results.csv,
-    results.md and plots/<metric>.png are rewritten: best and final value of each val/ metric, wall time, peak RSS,
-    peak GPU memory. Exits nonzero if a run failed (the others still run). The stack must log with a
-    TensorBoardLogger (configs/trainer/default.yaml does): each run's logger is pointed at OUTPUT/runs/RUN/attempt_N.
+    interrupted runs as a new attempt (attempt_N, earlier ones kept). A finished run whose command (or the contents of
+    a config file it reads) has since changed stops the sweep before anything runs, unless --rerun_changed. After
+    every run, OUTPUT/results.csv, results.md and plots/<metric>.png are rewritten: best and final value of each val/
+    metric, wall time, peak RSS, peak GPU memory. Exits nonzero if a run failed (the others still run). One sweep at a
+    time per OUTPUT (a lock file). The stack must log with a TensorBoardLogger (configs/trainer/default.yaml does):
+    each run's logger is pointed at OUTPUT/runs/RUN/attempt_N.
 
     Args:
         grid: The grid file, YAML (paths relative to the current directory) with "base: [config files]" (the
@@ -114,6 +116,12 @@ def ablate_command(grid: Path, output: Path, dry_run: bool = False, rerun_change
             print(f"[{i}/{len(runs)}] {run.name} ({state}): vdr fit {shlex.join(run.fit_args)}")
         return
     output.mkdir(parents=True, exist_ok=True)
+    lock = open(output / ".lock", "w")  # noqa: SIM115 - held (and released by the OS) for the life of the sweep
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise GridError(f"another vdr ablate is running on {output}; wait for it or use another --output") from None
     if spec.path.resolve() != (output / "grid.yaml").resolve():
         shutil.copyfile(spec.path, output / "grid.yaml")
     # A changed finished run (--rerun_changed) is pending: its old result is not this run's.

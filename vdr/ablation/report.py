@@ -119,22 +119,37 @@ def plot_file(tag: str) -> str:
 
 
 def plot(path: Path, tag: str, rows: list[Row]) -> None:
-    """``tag`` against the training step, one line per run that logged it (dashed: failed runs)."""
+    """Each run's final ``tag`` as a bar (the ablation at a glance) and, when some run validated more than once,
+    ``tag`` against the training step, one line per run (dashed: failed runs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(8, 4.5), dpi=120)
+    logged = [row for row in rows if row.outcome and row.outcome.curves.get(tag)]
+    curves = any(len(row.outcome.curves[tag]) > 1 for row in logged)
+    figure = Figure(figsize=(13 if curves else 7, 0.8 + 0.35 * max(4, len(logged))), dpi=120)
     FigureCanvasAgg(figure)  # no pyplot: no global state, no display
-    axes = figure.add_subplot()
-    for row in rows:
-        if row.outcome and row.outcome.curves.get(tag):
+    direction = "lower" if lower_is_better(tag) else "higher"
+    bars = figure.add_subplot(1, 2 if curves else 1, 1)
+    labels = [row.run.name if row.status == "ok" else f"{row.run.name} ({row.status})" for row in logged]
+    finals = [row.outcome.curves[tag][-1][1] for row in logged]
+    bars.barh(range(len(logged)), finals, color=["C0" if row.status == "ok" else "0.7" for row in logged])
+    bars.set_yticks(range(len(logged)), labels, fontsize="small")
+    bars.invert_yaxis()  # grid order, top to bottom
+    for y, value in enumerate(finals):
+        bars.annotate(f"{value:.4f}", (value, y), xytext=(3, 0), textcoords="offset points", va="center",
+                      fontsize="small")
+    bars.set(xlabel=f"final {tag}", title=f"final {tag} ({direction} is better)")
+    bars.grid(axis="x", alpha=0.3)
+    if curves:
+        axes = figure.add_subplot(1, 2, 2)
+        for row, label in zip(logged, labels):
             steps, values = zip(*row.outcome.curves[tag])
-            label = row.run.name if row.status == "ok" else f"{row.run.name} ({row.status})"
             axes.plot(steps, values, marker="o", markersize=3, linestyle="-" if row.status == "ok" else "--",
                       label=label)
-    axes.set(xlabel="step", ylabel=tag, title=f"{tag} ({'lower' if lower_is_better(tag) else 'higher'} is better)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+        axes.set(xlabel="step", ylabel=tag, title=f"{tag} against the step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small")
+    figure.tight_layout()
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     figure.savefig(staging, format="png", bbox_inches="tight")
     os.replace(staging, path)

@@ -72,7 +72,7 @@ class EncodeExample:
     image: Image.Image | None = None
 
 
-def _image_column(table: datasets.Dataset, name: str, column: str) -> datasets.Dataset:
+def image_column(table: datasets.Dataset, name: str, column: str) -> datasets.Dataset:
     """Checks an image column's type and switches it to undecoded bytes (we decode, hash and report ourselves)."""
     feature = table.features[column]
     if isinstance(feature, datasets.Image):
@@ -101,7 +101,7 @@ def _check_texts(values: list, name: str, column: str) -> None:
 def _check_present(table: datasets.Dataset, name: str, column: str, what: str) -> None:
     """Refuses rows whose image value is missing: null, an image with neither bytes nor path, or an empty path.
 
-    Reads the Arrow column (no Python copy of the image bytes, which ``_verify_images`` may read next).
+    Reads the Arrow column (no Python copy of the image bytes, which ``verify_images_of`` may read next).
     """
     values = table.select_columns([column]).with_format("arrow")[column]
     missing = pc.is_null(values)
@@ -133,7 +133,7 @@ def _check_teacher(values: list, name: str, column: str, needed: int) -> list[li
     return out
 
 
-def _verify_images(table: datasets.Dataset, name: str, columns: list[str], root: str | None) -> None:
+def verify_images_of(table: datasets.Dataset, name: str, columns: list[str], root: str | None) -> None:
     for column in columns:
         for row, value in enumerate(table[column]):
             verify(read_encoded(value, dataset=name, row=row, column=column, root=root),
@@ -189,7 +189,7 @@ class TrainRows(torch.utils.data.Dataset):
         if len(table) == 0:
             raise DataError(name, "has no rows")
         for column in self.image_columns:
-            table = _image_column(table, name, column)
+            table = image_column(table, name, column)
         self.table = table.select_columns(["query", *self.image_columns])
         _check_texts(self.table["query"], name, "query")
         _check_present(self.table, name, "image", "the group has no positive page")
@@ -197,7 +197,7 @@ class TrainRows(torch.utils.data.Dataset):
         if teacher_column:
             self.teacher = _check_teacher(table[teacher_column], name, teacher_column, len(self.image_columns))
         if verify_images:
-            _verify_images(self.table, name, self.image_columns, root)
+            verify_images_of(self.table, name, self.image_columns, root)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -235,7 +235,7 @@ class PairRows(torch.utils.data.Dataset):
         _require_columns(table, name, ["query", "image", "label"], "labeled-pair")
         if len(table) == 0:
             raise DataError(name, "has no rows")
-        table = _image_column(table, name, "image")
+        table = image_column(table, name, "image")
         self.table = table.select_columns(["query", "image"])
         _check_texts(self.table["query"], name, "query")
         _check_present(self.table, name, "image", "the pair has no page")
@@ -246,7 +246,7 @@ class PairRows(torch.utils.data.Dataset):
                                 row=row, column="label")
             self.labels.append(float(label))
         if verify_images:
-            _verify_images(self.table, name, ["image"], root)
+            verify_images_of(self.table, name, ["image"], root)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -308,9 +308,9 @@ class EvalSet:
                 seen[identifier] = row
         texts = queries["text"]
         _check_texts(texts, f"{name}/queries", "text")
-        corpus = _image_column(corpus, f"{name}/corpus", "image").select_columns(["image"])
+        corpus = image_column(corpus, f"{name}/corpus", "image").select_columns(["image"])
         if verify_images:
-            _verify_images(corpus, f"{name}/corpus", ["image"], root)
+            verify_images_of(corpus, f"{name}/corpus", ["image"], root)
         query_row = {q: i for i, q in enumerate(query_ids)}
         corpus_row = {c: i for i, c in enumerate(corpus_ids)}
         indexed: list[dict[int, int]] = [{} for _ in query_ids]

@@ -19,28 +19,41 @@ CHUNK_ROWS = 512
 
 
 def write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path) -> None:
-    """Saves ``rows`` (dicts matching ``features``) with ``save_to_disk`` at ``path``, ``CHUNK_ROWS`` rows at a time."""
+    """Saves ``rows`` (dicts matching ``features``) with ``save_to_disk`` at ``path``.
+
+    Rows are turned into Arrow ``CHUNK_ROWS`` at a time and each chunk is saved beside ``path`` at once, so memory holds
+    one chunk of page bytes, not the dataset; the saved chunks are memory-mapped and joined into the final save.
+    """
     import datasets
 
-    chunks = []
-    buffer: list[dict] = []
-    for row in rows:
-        buffer.append(row)
-        if len(buffer) == CHUNK_ROWS:
-            chunks.append(datasets.Dataset.from_list(buffer, features=features))
-            buffer = []
-    if buffer or not chunks:
-        chunks.append(datasets.Dataset.from_list(buffer, features=features))
-    dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
+    scratch = path.with_name(f"{path.name}.chunks")
+    shutil.rmtree(scratch, ignore_errors=True)
     # save_to_disk draws its own per-shard bars; they would interleave with ours, so mute them just for this call and
     # restore whatever the caller had configured globally.
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
+        chunks: list[datasets.Dataset] = []
+
+        def flush(buffer: list[dict]) -> None:
+            chunk_dir = scratch / str(len(chunks))
+            datasets.Dataset.from_list(buffer, features=features).save_to_disk(str(chunk_dir))
+            chunks.append(datasets.load_from_disk(str(chunk_dir)))  # memory-mapped
+
+        buffer: list[dict] = []
+        for row in rows:
+            buffer.append(row)
+            if len(buffer) == CHUNK_ROWS:
+                flush(buffer)
+                buffer = []
+        if buffer or not chunks:
+            flush(buffer)
+        dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
         dataset.save_to_disk(str(path))
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def check_target(output_dir: Path, overwrite: bool) -> None:

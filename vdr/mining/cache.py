@@ -1,9 +1,10 @@
 """Embeddings kept on disk between runs, so re-mining with other filters or samplings skips the encoder.
 
 An entry is keyed by what determines the vectors: the model (its path with the size and modification time of its
-files, or its hub id), which side was embedded (queries or pages), and the inputs (query texts, or the content hashes
-of the pages, in order). Entries are safetensors files written atomically; a damaged or mismatched entry is
-recomputed, never trusted.
+files, or its hub id), how the encoder renders inputs (its class, prompts, pixel bounds and text length: a checkpoint
+or a Hugging Face directory gets them from code and config, not only from its files), which side was embedded
+(queries or pages), the inputs (query texts, or the content hashes of the pages, in order), and a format version.
+Entries are safetensors files written atomically; a damaged or mismatched entry is recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -38,22 +39,37 @@ def model_fingerprint(model: str) -> str:
     return f"hub:{model}"
 
 
+CACHE_VERSION = 1  # bump when embedding code changes what the same model and inputs produce
+
+
+def describe_encoder(encoder) -> str:
+    """What besides the weights decides an encoder's vectors: its class, prompts, pixel bounds and text length."""
+    collator = getattr(encoder, "collator", None)
+    if collator is not None:
+        pixel_bounds = collator.image_processor.size
+        return repr((type(encoder).__name__, collator.prompts, collator.max_text_tokens, pixel_bounds))
+    model = getattr(encoder, "model", None)
+    return repr((type(encoder).__name__, getattr(model, "prompts", None), getattr(model, "truncate_dim", None)))
+
+
 class EmbeddingCache:
     """Reads and writes ``[N, D]`` float32 embeddings by key.
 
     Args:
         directory: Where entries live (created on first write); None disables caching.
         model: The model argument, fingerprinted into every key.
+        encoder: :func:`describe_encoder` of the encoder that computes the entries.
     """
 
-    def __init__(self, directory: Path | None, model: str) -> None:
+    def __init__(self, directory: Path | None, model: str, encoder: str = "") -> None:
         self.directory = directory
         self.model = model_fingerprint(model) if directory is not None else model
+        self.encoder = encoder
         self.hits: list[str] = []
 
     def key(self, side: str, inputs: list) -> str:
         digest = hashlib.sha256()
-        digest.update(json.dumps([self.model, side]).encode())
+        digest.update(json.dumps([CACHE_VERSION, self.model, self.encoder, side]).encode())
         for value in inputs:
             digest.update(repr(value).encode())
             digest.update(b"\0")
@@ -74,7 +90,8 @@ class EmbeddingCache:
             try:
                 embeddings = load_file(str(path))["embeddings"]
                 if embeddings.shape[0] == len(inputs):
-                    self.hits.append(side)
+                    if side not in self.hits:
+                        self.hits.append(side)
                     return embeddings
             except Exception:  # noqa: BLE001 - a damaged entry is recomputed, whatever the damage
                 pass

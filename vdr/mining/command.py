@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
@@ -34,12 +35,12 @@ from tqdm.auto import tqdm
 
 from vdr.data.errors import DataError
 from vdr.data.images import read_encoded
-from vdr.data.schema import EncodeRows, TrainRows, _image_column
+from vdr.data.schema import EncodeRows, TrainRows, image_column, verify_images_of
 from vdr.data.sources import load_table
 from vdr.data.writing import check_target, move_into_place, temporary_sibling, write_dataset
 from vdr.evaluation.topk import RunningTopK
-from vdr.mining.cache import EmbeddingCache, default_cache_dir
-from vdr.mining.select import PAD, MiningSettings, Window, resort, select, window
+from vdr.mining.cache import EmbeddingCache, default_cache_dir, describe_encoder
+from vdr.mining.select import PAD, MiningSettings, Selection, Window, resort, select, window
 
 
 class PageTable:
@@ -56,7 +57,7 @@ class PageTable:
                  keys: list[int] | None = None) -> None:
         import datasets
 
-        table = _image_column(table, name, "image").select_columns(["image"])
+        table = image_column(table, name, "image").select_columns(["image"])
         self.table = table if rows is None else table.select(rows)
         self.name, self.root = name, root
         feature = self.table.features["image"]
@@ -92,15 +93,67 @@ def _embed_texts(encoder, texts: list[str], batch_size: int) -> torch.Tensor:
                       for i in tqdm(range(0, len(texts), batch_size), desc="embed queries", unit="batch")])
 
 
-def _load_corpus(corpus: str) -> PageTable:
+def _load_corpus(corpus: str, verify: bool) -> PageTable:
+    """A corpus table (or an eval set's ``corpus/``), checked, with each distinct page (by content) once."""
+    root = corpus if os.path.isdir(corpus) else None
+    source = corpus
     if os.path.isdir(os.path.join(corpus, "corpus")):
-        corpus = os.path.join(corpus, "corpus")  # an eval set's directory
-    table = load_table(corpus)
+        source = os.path.join(corpus, "corpus")  # an eval set: relative paths resolve against the set, as in evaluation
+        warnings.warn(f"mining from the eval set {corpus}: its pages become training negatives, so evaluation on it no "
+                      "longer measures unseen pages", stacklevel=2)
+    table = load_table(source)
     if "image" not in table.column_names:
-        raise DataError(corpus, f"a corpus needs an 'image' column; found {table.column_names}")
+        raise DataError(source, f"a corpus needs an 'image' column; found {table.column_names}")
     if len(table) == 0:
-        raise DataError(corpus, "has no rows")
-    return PageTable(table, corpus, corpus if os.path.isdir(corpus) else None)
+        raise DataError(source, "has no rows")
+    table = image_column(table, source, "image")
+    if verify:
+        verify_images_of(table, source, ["image"], root)
+    pages = PageTable(table, source, root)
+    first: dict[int, int] = {}
+    for row, key in enumerate(pages.keys):
+        first.setdefault(key, row)  # a page twice in the corpus must not fill two negative columns of one row
+    if len(first) == len(pages):
+        return pages
+    return PageTable(table, source, root, list(first.values()), keys=list(first))
+
+
+def _check_separate(output: Path, inputs: dict[str, str | None]) -> None:
+    """Refuses an output that is, holds or sits inside an input: --overwrite would move the input away."""
+    target = output.resolve()
+    for flag, value in inputs.items():
+        if value is None or not os.path.exists(value):
+            continue
+        source = Path(value).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise ValueError(f"--output {output} overlaps --{flag} {value}; write the mined dataset somewhere else")
+
+
+def _exclusions(ranked_rows: torch.Tensor, query_of_row: list[int], train_keys: list[int],
+                corpus_keys: list[int]) -> torch.Tensor:
+    """``[U, depth]``: whether each ranked corpus row is one of the query's positives (by content hash)."""
+    corpus_size = len(corpus_keys)
+    rows_of_key: dict[int, list[int]] = defaultdict(list)
+    for row, key in enumerate(corpus_keys):
+        rows_of_key[key].append(row)
+    positive_pairs = {query * corpus_size + row for query, key in zip(query_of_row, train_keys)
+                      for row in rows_of_key.get(key, ())}  # query x corpus row, flattened
+    codes = torch.arange(ranked_rows.shape[0])[:, None] * corpus_size + ranked_rows  # [U, depth]
+    return torch.isin(codes, torch.tensor(sorted(positive_pairs), dtype=torch.int64)) & (ranked_rows != PAD)
+
+
+def _select_rows(candidates: Window, row_index: torch.Tensor, positive_scores: torch.Tensor,
+                 settings: MiningSettings, chunk: int = 4096) -> Selection:
+    """:func:`select` over the rows' windows (``candidates[row_index]``), a chunk of rows at a time (bounded memory)."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    parts = []
+    for first in range(0, len(row_index), chunk):
+        index = row_index[first : first + chunk]
+        parts.append(select(Window(candidates.rows[index], candidates.scores[index]),
+                            positive_scores[first : first + chunk], settings, generator))
+    counts = {name: sum(part.counts.get(name, 0) for part in parts) for name in parts[0].counts}
+    return Selection(torch.cat([p.rows for p in parts]), torch.cat([p.scores for p in parts]),
+                     torch.cat([p.kept for p in parts]), counts)
 
 
 def _rerank_window(scorer, candidates: Window, texts: list[str], corpus: PageTable, batch_size: int) -> torch.Tensor:
@@ -128,7 +181,7 @@ def _rerank_positives(scorer, rows: list[int], queries: list[str], positives: Pa
 
 
 def _statistics(positive: torch.Tensor, negatives: torch.Tensor) -> dict[str, float]:
-    hardest = negatives[:, 0]
+    hardest = negatives.max(dim=1).values  # random picks come in draw order, not best first
     return {
         "positive_mean": positive.mean().item(), "positive_median": positive.median().item(),
         "negative_mean": negatives.mean().item(), "negative_median": negatives.median().item(),
@@ -198,6 +251,7 @@ def mine_command(
                               sampling, seed)
     output = Path(output)
     check_target(output, overwrite)
+    _check_separate(output, {"data": data, "corpus": corpus})
     start = time.perf_counter()
 
     # Everything about the data is checked before any model is loaded.
@@ -214,21 +268,22 @@ def mine_command(
                           keys=[train.keys[row] for row in unique_positive_rows])
     positive_index = {key: i for i, key in enumerate(positives.keys)}
     positive_of_row = [positive_index[key] for key in train.keys]  # [R] -> row of `positives`
-    pages = positives if corpus is None else _load_corpus(corpus)
+    pages = positives if corpus is None else _load_corpus(corpus, verify_images)
     texts = sorted(set(queries))
     text_index = {text: i for i, text in enumerate(texts)}
     query_of_row = [text_index[q] for q in queries]  # [R] -> row of `texts`
-    positive_keys: dict[int, set[int]] = defaultdict(set)  # query -> content hashes of its positives
+    positives_per_query: dict[int, set[int]] = defaultdict(set)  # content hashes of each query's positives
     for row, key in enumerate(train.keys):
-        positive_keys[query_of_row[row]].add(key)
-    corpus_rows_of_key: dict[int, list[int]] = defaultdict(list)
-    for row, key in enumerate(pages.keys):
-        corpus_rows_of_key[key].append(row)
-    most_excluded = max(sum(len(corpus_rows_of_key[k]) for k in keys) for keys in positive_keys.values())
+        positives_per_query[query_of_row[row]].add(key)
+    copies = defaultdict(int)
+    for key in pages.keys:
+        copies[key] += 1
+    most_excluded = max(sum(copies[key] for key in keys) for keys in positives_per_query.values())
 
     encoder = load_encoder(model, device)
     scorer = load_scorer(reranker, device) if reranker else None
-    cache = EmbeddingCache(None if no_cache else Path(cache_dir or default_cache_dir()), model)
+    cache = EmbeddingCache(None if no_cache else Path(cache_dir or default_cache_dir()), model,
+                           describe_encoder(encoder))
     query_vectors = cache.get_or_compute("queries", texts, lambda: _embed_texts(encoder, texts, batch_size))
     page_vectors = cache.get_or_compute("pages", pages.keys, lambda: _embed_pages(
         encoder, pages, batch_size, num_workers, "embed corpus"))
@@ -241,10 +296,7 @@ def mine_command(
         chunk = page_vectors[first : first + 4096]
         topk.update(chunk, torch.arange(first, first + len(chunk)))
     ranked_scores, ranked_rows = topk.result()  # [U, depth]
-    excluded = torch.zeros(ranked_rows.shape, dtype=torch.bool)  # [U, depth]: the query's positives, by content
-    for u, ranked in enumerate(ranked_rows.tolist()):
-        positive_rows = {row for key in positive_keys[u] for row in corpus_rows_of_key[key]}
-        excluded[u] = torch.tensor([row in positive_rows for row in ranked])
+    excluded = _exclusions(ranked_rows, query_of_row, train.keys, pages.keys)  # [U, depth]
     candidates = window(ranked_rows, ranked_scores, excluded, settings)  # [U, W]
     row_index = torch.tensor(query_of_row)  # [R]
     positive_scores = (query_vectors[row_index] * positive_vectors[torch.tensor(positive_of_row)]).sum(-1)  # [R]
@@ -252,8 +304,7 @@ def mine_command(
         candidates = resort(candidates, _rerank_window(scorer, candidates, texts, pages, batch_size))
         positive_scores = _rerank_positives(scorer, list(range(len(queries))), queries, positives, positive_of_row,
                                             batch_size)
-    per_row = Window(candidates.rows[row_index], candidates.scores[row_index])  # [R, W]
-    selection = select(per_row, positive_scores, settings)
+    selection = _select_rows(candidates, row_index, positive_scores, settings)  # [R, k]
     kept = selection.kept.nonzero().flatten().tolist()
     if not kept:
         raise DataError(data, f"no row kept {num_negatives} negatives after the filters ({selection.counts}); widen "

@@ -8,8 +8,9 @@ The conventions are Sentence Transformers' (``mine_hard_negatives``) and NV-Retr
 3. A candidate is dropped when it scores too close to the positive (``absolute_margin``: ``score > positive -
    margin``; ``relative_margin``: ``score > positive - |positive| * margin``) or above ``max_score``: near-positive
    scores are the likely false negatives (an unlabeled relevant page).
-4. ``top`` sampling takes the best-ranked survivors, ``random`` a uniform sample of them; a row with fewer survivors
-   than ``num_negatives`` is skipped (counted), so every written row has all its negative columns.
+4. ``top`` sampling takes the best-ranked survivors (in rank order), ``random`` a uniform sample of them (in draw
+   order, so the first j of k columns are still a uniform sample); a row with fewer survivors than ``num_negatives``
+   is skipped (counted), so every written row has all its negative columns.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class Selection:
     """The mined negatives and what the filters did.
 
     Attributes:
-        rows: ``[R, k]`` corpus rows of each row's negatives, best-scored first; ``-1`` on skipped rows.
+        rows: ``[R, k]`` corpus rows of each row's negatives (top: in rank order; random: in draw order); ``-1`` on
+            skipped rows.
         scores: ``[R, k]`` their scores (NaN on skipped rows).
         kept: ``[R]`` whether the row has all ``k`` negatives.
         counts: Candidates in the windows, dropped by each filter, and rows skipped.
@@ -107,7 +109,8 @@ def window(ranked_rows: torch.Tensor, ranked_scores: torch.Tensor, excluded: tor
     valid = (ranked_rows != PAD) & ~excluded  # [R, C]
     rank = valid.long().cumsum(dim=1) - 1  # [R, C] rank among the non-positives
     inside = valid & (rank >= settings.range_min) & (rank < settings.range_max)  # [R, C]
-    width = settings.range_max - settings.range_min
+    # No wider than the ranking can fill: a whole-corpus window (random negatives) costs [R, C], not [R, range_max].
+    width = max(1, min(settings.range_max, ranked_rows.shape[1]) - settings.range_min)
     slot = (rank - settings.range_min).clamp(0, width - 1)  # [R, C]
     rows = torch.full((ranked_rows.shape[0], width), PAD, dtype=torch.int64)  # [R, W]
     scores = torch.full((ranked_rows.shape[0], width), float("-inf"))  # [R, W]
@@ -124,13 +127,16 @@ def resort(candidates: Window, scores: torch.Tensor) -> Window:
     return Window(candidates.rows.gather(1, order), scores.gather(1, order))
 
 
-def select(candidates: Window, positive_scores: torch.Tensor, settings: MiningSettings) -> Selection:
+def select(candidates: Window, positive_scores: torch.Tensor, settings: MiningSettings,
+           generator: torch.Generator | None = None) -> Selection:
     """Applies the margin and score filters, then samples ``num_negatives`` survivors per row.
 
     Args:
         candidates: Each row's window, best first.
         positive_scores: ``[R]`` each row's positive's score under the same scorer.
         settings: Filters and sampling.
+        generator: Source of ``random`` sampling (default: a fresh one seeded with ``settings.seed``); pass one
+            generator to successive calls over chunks of rows so that the chunks draw independently.
     """
     present = candidates.rows != PAD  # [R, W]
     scores, positive = candidates.scores, positive_scores.float()[:, None]  # [R, W], [R, 1]
@@ -150,14 +156,14 @@ def select(candidates: Window, positive_scores: torch.Tensor, settings: MiningSe
     if settings.sampling == "top":
         priority = keep.float()  # [R, W]; the stable sort below keeps rank order among survivors
     else:
-        generator = torch.Generator().manual_seed(settings.seed)
+        generator = generator or torch.Generator().manual_seed(settings.seed)
         priority = torch.rand(keep.shape, generator=generator) + keep.float()  # survivors in (1, 2), others in (0, 1)
     k = settings.num_negatives
     chosen = priority.argsort(dim=1, descending=True, stable=True)[:, :k]  # [R, k]
     kept = keep.sum(dim=1) >= k  # [R]
+    # Top picks come in rank order; random ones in draw order (not sorted: training on the first j of k random
+    # negatives must still see uniform draws, not the hardest of k).
     rows, picked = candidates.rows.gather(1, chosen), scores.gather(1, chosen)  # [R, k]
-    order = picked.argsort(dim=1, descending=True, stable=True)  # random picks are written best-scored first too
-    rows, picked = rows.gather(1, order), picked.gather(1, order)
     rows[~kept], picked[~kept] = PAD, float("nan")
     counts["rows_skipped"] = int((~kept).sum())
     return Selection(rows, picked, kept, counts)
