@@ -11,7 +11,7 @@ peak memory, model FLOPs per step and MFU, then the ratio lightning / bare and t
 (equal maths gives equal losses). With ``--preset 2b --device cuda`` it also prints the issue's anchor and targets.
 
 CPU, tiny preset (about a minute):
-    python scripts/bench_train.py --preset tiny --steps 5 --warmup 2
+    python scripts/bench_train.py --preset tiny --steps 20 --warmup 3
 GPU, the Qwen3-VL-2B layout with random weights, the anchor's workload (768x1024 px pages = 24x32 = 768 visual tokens):
     python scripts/bench_train.py --preset 2b --device cuda --batch 16 --negatives 1 --page 768x1024 \
         --precision bf16-mixed --gradient-checkpointing --output bench_out/train.jsonl
