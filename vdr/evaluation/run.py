@@ -36,7 +36,7 @@ class EvalResult:
     ranked: torch.Tensor
 
 
-def _batches(dataset, batch_size: int, num_workers: int) -> DataLoader:
+def example_batches(dataset, batch_size: int, num_workers: int) -> DataLoader:
     # Decoding pages is the CPU-heavy part; workers overlap it with encoding. Examples stay a list (no collation).
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
 
@@ -60,7 +60,7 @@ def evaluate(encoder: Encoder, eval_set: EvalSet, *, batch_size: int = 32, k: in
     ])  # [Q, D]
     topk = RunningTopK(queries, k)
     corpus = eval_set.corpus_rows()
-    for examples in tqdm(_batches(corpus, batch_size, num_workers), desc="corpus", unit="batch",
+    for examples in tqdm(example_batches(corpus, batch_size, num_workers), desc="corpus", unit="batch",
                          disable=not progress):
         rows = torch.tensor([e.index for e in examples])
         topk.update(encoder.pages([e.image for e in examples]), rows)
@@ -82,8 +82,8 @@ def rerank(scorer: Scorer, candidates: Candidates, eval_set: EvalSet, *, batch_s
         progress: Show a progress bar (stderr).
     """
     scores = torch.full(candidates.rows.shape, float("nan"))  # [Q, C]
-    for pairs in tqdm(_batches(candidates.pairs(eval_set), batch_size, num_workers), desc="rerank", unit="batch",
-                      disable=not progress):
+    pairs_of_batches = example_batches(candidates.pairs(eval_set), batch_size, num_workers)
+    for pairs in tqdm(pairs_of_batches, desc="rerank", unit="batch", disable=not progress):
         index = torch.tensor([p.index for p in pairs])
         scores.view(-1)[index] = scorer.score([p.query for p in pairs], [p.image for p in pairs])
     return scores

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vdr.data.errors import DataError
@@ -38,6 +37,7 @@ from vdr.data.images import read_encoded
 from vdr.data.schema import EncodeRows, TrainRows, image_column, verify_images_of
 from vdr.data.sources import load_table
 from vdr.data.writing import check_target, move_into_place, temporary_sibling, write_dataset
+from vdr.evaluation.run import example_batches
 from vdr.evaluation.topk import RunningTopK
 from vdr.mining.cache import EmbeddingCache, default_cache_dir, describe_encoder
 from vdr.mining.select import PAD, MiningSettings, Selection, Window, resort, select, window
@@ -84,7 +84,7 @@ class PageTable:
 
 
 def _embed_pages(encoder, pages: PageTable, batch_size: int, num_workers: int, desc: str) -> torch.Tensor:
-    loader = DataLoader(pages.decoded(), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    loader = example_batches(pages.decoded(), batch_size, num_workers)
     return torch.cat([encoder.pages([e.image for e in batch]) for batch in tqdm(loader, desc=desc, unit="batch")])
 
 
@@ -170,13 +170,14 @@ def _rerank_window(scorer, candidates: Window, texts: list[str], corpus: PageTab
     return scores
 
 
-def _rerank_positives(scorer, rows: list[int], queries: list[str], positives: PageTable, positive_of_row: list[int],
+def _rerank_positives(scorer, queries: list[str], positives: PageTable, positive_of_row: list[int],
                       batch_size: int) -> torch.Tensor:
+    """``[R]`` reranker scores of each row's (query, positive) pair."""
     pages = positives.decoded()
     out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="rerank positives", unit="batch"):
-        chunk = rows[start : start + batch_size]
-        out.append(scorer.score([queries[r] for r in chunk], [pages[positive_of_row[r]].image for r in chunk]))
+    for start in tqdm(range(0, len(queries), batch_size), desc="rerank positives", unit="batch"):
+        rows = range(start, min(start + batch_size, len(queries)))
+        out.append(scorer.score([queries[r] for r in rows], [pages[positive_of_row[r]].image for r in rows]))
     return torch.cat(out).float()
 
 
@@ -302,7 +303,7 @@ def mine_command(
     positive_scores = (query_vectors[row_index] * positive_vectors[torch.tensor(positive_of_row)]).sum(-1)  # [R]
     if scorer is not None:
         candidates = resort(candidates, _rerank_window(scorer, candidates, texts, pages, batch_size))
-        positive_scores = _rerank_positives(scorer, list(range(len(queries))), queries, positives, positive_of_row,
+        positive_scores = _rerank_positives(scorer, queries, positives, positive_of_row,
                                             batch_size)
     selection = _select_rows(candidates, row_index, positive_scores, settings)  # [R, k]
     kept = selection.kept.nonzero().flatten().tolist()
