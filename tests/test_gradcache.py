@@ -67,11 +67,13 @@ def one_step(rows: Path, batch_size: int = 8, accumulate: int = 1, loss: InfoNCE
 
 
 def assert_same_gradients(ours: Gradients, reference: Gradients) -> None:
-    assert ours.losses == pytest.approx(reference.losses, abs=1e-6)
+    assert ours.losses == pytest.approx(reference.losses, rel=2e-6)  # float32 sums in another order
     assert ours.grads.keys() == reference.grads.keys() and "loss.log_scale" in ours.grads
     for name, grad in reference.grads.items():
-        # Float32 sums in another order: within 1e-5 of the tensor's largest entry (a wrong gradient is off by O(1)).
-        torch.testing.assert_close(ours.grads[name], grad, atol=1e-5 * float(grad.abs().max()), rtol=1e-4, msg=name)
+        # Float32 sums in another order: within 5e-5 of the tensor's largest entry (a wrong gradient is off by O(1)).
+        # The temperature's gradient is one sum over every logit, a small difference of large terms: 1e-3 of it.
+        rtol = 1e-3 if grad.dim() == 0 else 1e-4
+        torch.testing.assert_close(ours.grads[name], grad, atol=5e-5 * float(grad.abs().max()), rtol=rtol, msg=name)
 
 
 @pytest.fixture(scope="module")
