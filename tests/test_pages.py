@@ -215,7 +215,7 @@ def test_an_undecodable_page_fails_naming_its_row_or_is_passed_over_and_counted(
     rows = TrainRows(table, "train", num_negatives=1)  # the header check passes
     with pytest.raises(DataError, match=r"row 5, column 'negative_0': cannot decode image"):
         rows[5]
-    skipping = TrainRows(table, "train", num_negatives=1, skip_undecodable=True)
+    skipping = TrainRows(table, "train", num_negatives=1, skip_bad_rows=True)
     with pytest.warns(UserWarning, match=r"skipping a training row.*row 5"):
         example = skipping[5]
     assert (example.row, example.skipped) == (6, 1)  # the next row takes its place
@@ -228,7 +228,7 @@ def test_an_undecodable_page_fails_naming_its_row_or_is_passed_over_and_counted(
 def test_skipping_keeps_batches_whole_and_counts_in_a_fit(tmp_path: Path) -> None:
     source = _table_with_truncated_pages(tmp_path, bad=(5,))
     module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS))
-    data = RetrievalDataModule(train=str(source), batch_size=4, bad_images="skip")
+    data = RetrievalDataModule(train=str(source), batch_size=4, skip_bad_rows=True)
     sizes = []
 
     class Sizes(L.Callback):

@@ -42,7 +42,7 @@ class RetrievalBatch(Pinnable):
     documents: EncoderInputs  # B * (1 + k) sequences: [positives; negative_0 of every row; ...]
     document_keys: torch.Tensor  # [B * (1 + k)] int64 content hashes, for false-negative masking
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
-    skipped: int = 0  # undecodable rows passed over to fill this batch (bad_images: skip)
+    skipped: int = 0  # undecodable rows passed over to fill this batch (skip_bad_rows)
 
     def __len__(self) -> int:
         return len(self.queries)

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-from typing import Literal
 
 import lightning as L
 import torch
@@ -50,9 +49,6 @@ class PaddedRows(torch.utils.data.Dataset):
         return dataclasses.replace(self.dataset[0], index=-1)
 
 
-BadImages = Literal["fail", "skip"]
-
-
 class RetrievalDataModule(L.LightningDataModule):
     """Training rows (query, image, negative_i) and an eval set (queries, corpus, qrels).
 
@@ -72,9 +68,10 @@ class RetrievalDataModule(L.LightningDataModule):
         max_tokens_per_batch: Token-budget batching: training batches of similar-length rows whose padded decoder
             tokens (B x longest query + B x (1 + k) x longest page) stay under this, the same number of batches on
             every rank and in every epoch (``vdr.data.batching``). None: fixed ``batch_size`` batches.
-        bad_images: A training page that does not decode: ``"fail"`` the run naming its row, or ``"skip"`` the row
-            (the next row takes its place, a warning names it, ``data/skipped_rows`` counts them). Eval pages always
-            fail: the corpus must be whole.
+        skip_bad_rows: A bad training row (an empty or non-text query, a missing, unreadable or corrupt page, ...)
+            is left out instead of failing the run: rows that fail the checks at setup are dropped (a warning counts
+            and names them), a row whose pixels do not decode is passed over for the next (``data/skipped_rows``
+            counts those). Column-level problems and eval sets always fail: the corpus must be whole.
     """
 
     def __init__(
@@ -90,7 +87,7 @@ class RetrievalDataModule(L.LightningDataModule):
         synthetic_dir: str = "checkpoints/data/synth",
         seed: int = 0,
         max_tokens_per_batch: int | None = None,
-        bad_images: BadImages = "fail",
+        skip_bad_rows: bool = False,
     ) -> None:
         super().__init__()
         # Plain data only (the synthetic config as a dict), so hparams.yaml and TensorBoard can hold it.
@@ -98,9 +95,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.hparams["synthetic"] = config_record(synthetic) if synthetic else None
         if max_tokens_per_batch is not None and max_tokens_per_batch < 1:
             raise ValueError(f"max_tokens_per_batch must be >= 1 (null: fixed batches), got {max_tokens_per_batch}")
-        if bad_images not in ("fail", "skip"):
-            raise ValueError(f"bad_images must be 'fail' or 'skip', got {bad_images!r}")
-        self.bad_images = bad_images
+        self.skip_bad_rows = skip_bad_rows
         if synthetic is not None:
             train = train or os.path.join(synthetic_dir, "train")
             eval = eval or os.path.join(synthetic_dir, "eval")
@@ -147,7 +142,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def _train_rows(self, table, root: str | None) -> torch.utils.data.Dataset:
         return TrainRows(table, self.train_source, num_negatives=self.num_negatives, root=root,
-                         verify_images=self.verify_images, skip_undecodable=self.bad_images == "skip")
+                         verify_images=self.verify_images, skip_bad_rows=self.skip_bad_rows)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
         world_size = self.trainer.world_size if self.trainer is not None else 1
@@ -229,8 +224,7 @@ class RerankDataModule(RetrievalDataModule):
         retriever: A bi-encoder (checkpoint, export or hub id) whose top-k over the eval corpus are the candidates,
             computed once at setup.
         num_candidates: Candidates per eval query (the depth read from a run file or a retriever).
-        bad_images: A training page that does not decode: ``"fail"`` or ``"skip"`` its row (see
-            ``RetrievalDataModule``).
+        skip_bad_rows: Leave bad training rows out instead of failing (see ``RetrievalDataModule``).
     """
 
     def __init__(
@@ -250,10 +244,10 @@ class RerankDataModule(RetrievalDataModule):
         candidates: str | None = None,
         retriever: str | None = None,
         num_candidates: int = 20,
-        bad_images: BadImages = "fail",
+        skip_bad_rows: bool = False,
     ) -> None:
         super().__init__(train, eval, num_negatives, batch_size, eval_batch_size, num_workers, verify_images,
-                         synthetic, synthetic_dir, seed, bad_images=bad_images)
+                         synthetic, synthetic_dir, seed, skip_bad_rows=skip_bad_rows)
         if labeled_pairs and teacher_column:
             raise ValueError("teacher scores are read per group; labeled pairs carry a label instead")
         if num_candidates < 1:
@@ -263,12 +257,12 @@ class RerankDataModule(RetrievalDataModule):
         self.candidates: Candidates | None = None
 
     def _train_rows(self, table, root: str | None) -> torch.utils.data.Dataset:
-        skip = self.bad_images == "skip"
         if self.labeled_pairs:
             return PairRows(table, self.train_source, root=root, verify_images=self.verify_images,
-                            skip_undecodable=skip)
+                            skip_bad_rows=self.skip_bad_rows)
         return TrainRows(table, self.train_source, num_negatives=self.num_negatives, root=root,
-                         verify_images=self.verify_images, teacher_column=self.teacher_column, skip_undecodable=skip)
+                         verify_images=self.verify_images, teacher_column=self.teacher_column,
+                         skip_bad_rows=self.skip_bad_rows)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -1,5 +1,9 @@
 """Page images from any column value (``datasets.Image`` bytes, a file path, a PIL image) to RGB, with clear errors.
 
+A page decodes as a viewer shows it: the EXIF orientation of a photographed page is applied (as the HF
+``load_image`` does), 16-bit greyscale is scaled to 8 bits and transparency is composited on white. A header that
+claims more than ``MAX_IMAGE_PIXELS`` fails before any pixel is decoded.
+
 Pages are hashed by their encoded bytes: the hash identifies a page wherever it appears in a batch, which is what
 false-negative masking needs (the same page as another row's positive, or among the hard negatives).
 """
@@ -9,15 +13,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vdr.data.errors import DataError
 from vdr.data.pages import MAX_ASPECT_RATIO
 
-# A page larger than this is a decompression bomb or a scanning accident, not a document page.
-MAX_IMAGE_PIXELS = 1 << 28
+# A page larger than this is a decompression bomb or a scanning accident, not a document page (an A4 page scanned at
+# 600 dpi is 35M pixels). PIL's own default bound, so PIL's bomb warning and our check agree on one limit.
+MAX_IMAGE_PIXELS = 89_478_485
+# What a file that is not a page raises while it is opened, checked or decoded.
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 
 
 @dataclass
@@ -91,16 +99,33 @@ def _check_size(encoded: EncodedImage, size: tuple[int, int], *, dataset: str, r
                         f"aspect ratios beyond {MAX_ASPECT_RATIO}:1 (crop or split the page)", row=row, column=column)
 
 
-def decode(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Image.Image:
-    """Decodes to an RGB PIL image, or raises a ``DataError`` naming the row and column."""
+def _open(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Image.Image:
+    """Opens the header. PIL checks the size there first: its decompression-bomb error, and its warning (the same
+    bound as ``MAX_IMAGE_PIXELS`` by default), become a ``DataError`` naming the row."""
     try:
-        with Image.open(io.BytesIO(encoded.data)) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(encoded.data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(dataset, f"image {encoded.origin} is larger than a page can be: {error}", row=row,
+                        column=column) from error
+    except UnidentifiedImageError as error:  # PIL's message names a BytesIO object; say what the file holds instead
+        what = "is empty (0 bytes)" if not encoded.data else f"starts with {encoded.data[:16]!r}"
+        raise UnidentifiedImageError(f"not an image in a format PIL reads: the file {what}") from error
+
+
+def decode(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Image.Image:
+    """Decodes to an RGB PIL image in its displayed orientation, or raises a ``DataError`` naming the row and column."""
+    try:
+        with _open(encoded, dataset=dataset, row=row, column=column) as image:
+            # Before the pixels: a bomb fails here. A quarter turn swaps the sides, which no check here depends on.
             _check_size(encoded, image.size, dataset=dataset, row=row, column=column)
             image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # EXIF Orientation 2-8: the page as a viewer shows it
             return to_rgb(image)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except _DECODE_ERRORS as error:
         raise DataError(dataset, f"cannot decode image {encoded.origin}: {error}", row=row, column=column) from error
 
 
@@ -108,10 +133,10 @@ def verify(encoded: EncodedImage, *, dataset: str, row: int, column: str) -> Non
     """Cheap up-front check: the header parses, the size is one a page can have, and the file is not truncated (no
     pixel decoding for PNG)."""
     try:
-        with Image.open(io.BytesIO(encoded.data)) as image:
+        with _open(encoded, dataset=dataset, row=row, column=column) as image:
             _check_size(encoded, image.size, dataset=dataset, row=row, column=column)
             image.verify()
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+    except _DECODE_ERRORS as error:
         raise DataError(dataset, f"corrupt image {encoded.origin}: {error}", row=row, column=column) from error

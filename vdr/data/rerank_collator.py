@@ -28,7 +28,7 @@ class RerankBatch(Pinnable):
     mask: torch.Tensor  # [B, G] bool, False: not a candidate of this group (its own positive again)
     rows: torch.Tensor  # [B] dataset rows, for messages about a batch
     teacher: torch.Tensor | None = None  # [B, G] teacher scores (distillation)
-    skipped: int = 0  # undecodable rows passed over to fill this batch (bad_images: skip)
+    skipped: int = 0  # undecodable rows passed over to fill this batch (skip_bad_rows)
 
     def __len__(self) -> int:
         return self.labels.shape[0]

@@ -63,7 +63,7 @@ class VdrModule(L.LightningModule):
 
     CHECKPOINT_KIND = ""
     _unsharded: list[torch.nn.Parameter] | None = None  # set by configure_model under FSDP
-    _skipped_rows = 0  # training rows this rank left out so far (bad_images: skip)
+    _skipped_rows = 0  # training rows this rank passed over so far (skip_bad_rows)
 
     @property
     def trunk(self) -> torch.nn.Module:
@@ -93,9 +93,9 @@ class VdrModule(L.LightningModule):
                     param.grad /= dist.get_world_size()
 
     def _count_skipped(self, batch) -> None:
-        """Logs ``data/skipped_rows``: the training rows every rank has left out so far, with ``bad_images: skip``."""
+        """Logs ``data/skipped_rows``: the training rows every rank has passed over so far, with ``skip_bad_rows``."""
         data = self._trainer.datamodule if self._trainer is not None else None
-        if getattr(data, "bad_images", "fail") != "skip":  # the same on every rank: all of them log, or none
+        if not getattr(data, "skip_bad_rows", False):  # the same on every rank: all of them log, or none
             return
         self._skipped_rows += batch.skipped
         self.log("data/skipped_rows", float(self._skipped_rows), reduce_fx="sum", sync_dist=True, batch_size=1)
