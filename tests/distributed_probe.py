@@ -98,3 +98,39 @@ class Probe(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._write(trainer)
+
+
+class Poison(L.Callback):
+    """Makes ``rank``'s loss NaN at optimizer step ``step``; writes ``rank{r}-poison.json``: whether each step changed
+    this rank's weights, and the steps the module skipped.
+
+    Args:
+        output: Directory to write into.
+        step: The optimizer step whose loss is poisoned.
+        rank: The rank whose loss is poisoned (the others see a finite loss).
+    """
+
+    def __init__(self, output: str, step: int = 1, rank: int = 1) -> None:
+        self.output, self.step, self.rank = output, step, rank
+        self.changed: list[bool] = []
+        self.hook = None
+
+    def _weights(self, module) -> torch.Tensor:
+        parts = [p.detach() for p in module.parameters() if p.requires_grad]
+        return torch.cat([(p.to_local() if isinstance(p, DTensor) else p).flatten() for p in parts]).clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before = self._weights(pl_module)
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            self.hook = pl_module.loss.register_forward_hook(lambda module, args, out: out + float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+        self.changed.append(not torch.equal(self._weights(pl_module), self.before))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        os.makedirs(self.output, exist_ok=True)
+        with open(os.path.join(self.output, f"rank{trainer.global_rank}-poison.json"), "w") as handle:
+            json.dump({"changed": self.changed, "skipped_steps": pl_module._skipped_steps}, handle)

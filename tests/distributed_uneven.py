@@ -58,7 +58,7 @@ def main(train: str, mode: str) -> None:
     else:
         module._unsharded = shard_module(module, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
         module.mini_batch_size = 2
-        step = module._cached_loss(batch.queries, batch.documents, batch.document_keys)
+        step = module._cached_loss(batch, batch.documents, batch.document_keys)
         step.backward()  # FSDP2 reduce-scatters the mean over ranks
         loss, grads = float(step), gradients(module)
     losses = [torch.zeros(1) for _ in range(2)]

@@ -216,6 +216,7 @@ def test_markdown_bolds_the_best_finished_value_per_column(tmp_path: Path, base:
 
 # ---- a real sweep ----------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 51 s: the default suite keeps under 20 minutes
 def test_ablation_resumes_and_writes_csv_table_and_plots(tiny_synth: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:

@@ -246,6 +246,7 @@ def test_distributed_ndcg_equals_one_process(strategy, synth, one_process, odd_e
 
 
 
+@pytest.mark.slow  # 95 s: the default suite keeps under 20 minutes
 def test_reranker_trains_under_ddp_and_fsdp_and_evaluates_as_one_process(synth, odd_eval, tmp_path) -> None:
     """Listwise reranker, 2 ranks x 4 groups: DDP and FSDP (with activation checkpointing) take the same steps, and the
     distributed rerank metrics (7 queries x 7 candidates = 49 pairs, padded to shard) equal one process validating the
@@ -356,3 +357,14 @@ def test_ranks_with_unequal_batches_take_the_one_process_step(synth: Path, mode:
     result = subprocess.run(torchrun(script, str(synth / "train8"), mode, nproc=2, port=29631), env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout.split(), result.stdout[-2000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all(synth: Path, tmp_path: Path, strategy: str) -> None:
+    # Rank 1's loss is NaN at step 1: both ranks skip that step together (no hang, no update anywhere), then go on.
+    poison = ["--trainer.callbacks+", "distributed_probe.Poison", "--trainer.callbacks.output", str(tmp_path / "out")]
+    vdr(*fit_args(synth, "nan", devices=2, batch=PER_RANK_BATCH, steps=3), *(DDP if strategy == "ddp" else FSDP),
+        "--model.nonfinite_loss", "skip", *poison, cwd=tmp_path, timeout=300)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "out" / f"rank{rank}-poison.json").read_text())
+        assert record == {"changed": [True, False, True], "skipped_steps": 1}, rank

@@ -15,12 +15,15 @@ import inspect
 import os
 import sys
 import warnings
+from pathlib import Path
 
 # Nothing in a run may reach a model hub unless the user asks for a hub id; tokenizer threads fight DataLoader
 # workers for the two cores otherwise.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from jsonargparse import Namespace  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_info  # noqa: E402
 
 from vdr.config_includes import expand_includes  # noqa: E402
 from vdr.data.datamodule import RetrievalDataModule  # noqa: E402
@@ -31,10 +34,26 @@ DEFAULT_CLASSES = {"model": {"class_path": "vdr.lit.biencoder.BiEncoderModule"},
                    "data": {"class_path": "vdr.data.datamodule.RetrievalDataModule"}}
 
 
+class SaveConfig(SaveConfigCallback):
+    """Lightning's config saving; a resumed run (``--ckpt_path``) in the folder of the run it resumes keeps that run's
+    ``config.yaml`` and writes its own beside it: ``config.resumed-1.yaml``, ``config.resumed-2.yaml``, ..."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.config.get("ckpt_path") and not self.already_saved and trainer.log_dir:
+            taken = trainer.strategy.broadcast(sorted(p.name for p in Path(trainer.log_dir).glob("config*.yaml")))
+            if self.config_filename in taken:
+                stem = Path(self.config_filename).stem
+                self.config_filename = next(f"{stem}.resumed-{n}.yaml" for n in range(1, len(taken) + 2)
+                                            if f"{stem}.resumed-{n}.yaml" not in taken)
+        super().setup(trainer, pl_module, stage)
+
+
 class VdrCLI(LightningCLI):
-    """LightningCLI with a validation pass before training (the "before" point of a learning curve)."""
+    """LightningCLI with a validation pass before training (the "before" point of a learning curve) and runs resumed
+    in place (``resume_in_place``)."""
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", SaveConfig)
         super().__init__(VdrModule, RetrievalDataModule, *args, subclass_mode_model=True, subclass_mode_data=True,
                          **kwargs)
 
@@ -51,6 +70,8 @@ class VdrCLI(LightningCLI):
         from vdr.lit.checkpoint import SHARDED_METADATA, is_sharded_checkpoint
 
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit":
+            resume_in_place(self.config["fit"])
         path = subcommand and self.config[subcommand].get("ckpt_path")
         if not path or not is_sharded_checkpoint(path):
             return super()._parse_ckpt_path()
@@ -64,8 +85,54 @@ class VdrCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_fit(self) -> None:
-        if self.config_init[self.subcommand].get("validate_before_fit"):
+        resuming = self.config_init[self.subcommand].get("ckpt_path")  # its "before" point is in the resumed run's log
+        if self.config_init[self.subcommand].get("validate_before_fit") and not resuming:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+
+
+def _run_folder(logger) -> Path | None:
+    """``save_dir/name`` of a TensorBoardLogger config (the folder holding a run's version folders); None otherwise."""
+    if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return None
+    args = logger.get("init_args") or Namespace()
+    return Path(args.get("save_dir") or ".") / (args.get("name") or "lightning_logs")
+
+
+def resume_in_place(config: Namespace) -> None:
+    """Points ``fit --ckpt_path`` at the run it resumes, and the logger at that run's folder.
+
+    ``--ckpt_path last`` is the ``checkpoints/last.ckpt`` of this config's run: of its logger version if one is set
+    (a requeued SLURM job sets ``slurm-<job id>``), else of its newest version folder that has one; with none, the run
+    starts from scratch (what a first SLURM launch wants). A checkpoint inside a version folder of this run, given by
+    path, continues in that folder. Continuing in place keeps one TensorBoard curve per run, and lets the
+    ModelCheckpoint callbacks go on ranking the checkpoints they restored. Only runs logged with TensorBoardLogger
+    (the configs' default) are resolved here; anything else goes to Lightning as given.
+    """
+    ckpt_path, run = config.get("ckpt_path"), _run_folder(config.get("trainer", Namespace()).get("logger"))
+    if not ckpt_path or run is None:
+        return
+    args = config.trainer.logger.init_args
+    version = args.get("version")
+    if ckpt_path == "last":
+        if version is not None:
+            folders = [run / (version if isinstance(version, str) else f"version_{version}")]
+        else:
+            folders = [path.parent.parent for path in run.glob("*/checkpoints/last.ckpt")]
+        found = [folder for folder in folders if (folder / "checkpoints" / "last.ckpt").exists()]
+        if not found:
+            where = folders[0] if version is not None else run
+            rank_zero_info(f"--ckpt_path last: no checkpoints/last.ckpt under {where}; starting a new run")
+            config.ckpt_path = None
+            return
+        folder = max(found, key=lambda f: (f / "checkpoints" / "last.ckpt").stat().st_mtime)
+        config.ckpt_path = str(folder / "checkpoints" / "last.ckpt")
+        rank_zero_info(f"--ckpt_path last: resuming {config.ckpt_path}")
+    else:
+        path = Path(ckpt_path).resolve()
+        folder = path.parent.parent
+        if version is not None or path.parent.name != "checkpoints" or folder.parent != run.resolve():
+            return
+    args.version = folder.name
 
 
 def _data_main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ from torch.utils.data import BatchSampler, DistributedSampler, Sampler
 from vdr.data.errors import DataError
 from vdr.data.images import read_encoded
 from vdr.data.pages import smart_resize
+from vdr.data.resume import TrainPosition
 from vdr.models.prompts import messages
 
 
@@ -138,6 +139,8 @@ class TokenBudgetBatchSampler(BatchSampler):
             less, smaller ones mix the rows of a batch more (more varied in-batch negatives).
         sampler: A ``DistributedSampler`` that carries rank, world size and epoch (Lightning passes its own; None
             makes one from ``rank`` and ``world_size``); any other sampler is ignored.
+        start: Where to start: this epoch, less its first ``start.batches`` batches (a resumed run; None: epoch 0
+            from its start). An init argument, so it survives Lightning rebuilding the sampler under DDP.
 
     Raises:
         DataError: A row needs more than ``max_tokens`` on its own (named, with its cost).
@@ -146,7 +149,7 @@ class TokenBudgetBatchSampler(BatchSampler):
 
     def __init__(self, costs: RowCosts, max_tokens: int, *, max_batch_size: int | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, pool_batches: int = 16,
-                 sampler: Sampler | None = None) -> None:
+                 sampler: Sampler | None = None, start: TrainPosition | None = None) -> None:
         # BatchSampler.__init__ is not called: it wants a fixed batch size, and there is none here.
         if max_tokens < 1 or (max_batch_size is not None and max_batch_size < 1) or pool_batches < 1:
             raise ValueError(f"max_tokens ({max_tokens}), max_batch_size ({max_batch_size}) and pool_batches "
@@ -181,6 +184,9 @@ class TokenBudgetBatchSampler(BatchSampler):
             raise ValueError(f"{costs.name}: {len(costs)} rows pack into {packed} batch(es) under max_tokens="
                              f"{max_tokens}, fewer than the {self.world_size} ranks")
         self._plan: tuple[int, EpochPlan] | None = None
+        self.start = start and start.normalized(len(self))
+        if self.start is not None:
+            self.set_epoch(self.start.epoch)
 
     @property
     def epoch(self) -> int:
@@ -194,7 +200,11 @@ class TokenBudgetBatchSampler(BatchSampler):
         return self.num_batches // self.world_size
 
     def __iter__(self):
-        for step in self.plan(self.epoch).steps:
+        steps = self.plan(self.epoch).steps
+        if self.start is not None and self.start.epoch == self.epoch:
+            steps = steps[self.start.batches :]
+            self.start = None  # once (see ``vdr.data.resume``)
+        for step in steps:
             yield list(step[self.rank])
 
     def plan(self, epoch: int) -> EpochPlan:

@@ -14,10 +14,12 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from vdr.data.batching import RowCosts, TokenBudgetBatchSampler, train_row_costs
+from vdr.data.resume import ShuffledRows, TrainPosition
 from vdr.data.schema import EvalSet, PairRows, TrainRows, load_eval_set
 from vdr.data.sources import load_table
 from vdr.data.synth import GENERATOR_VERSION, SynthConfig, config_record, generate
@@ -110,6 +112,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.collator = None
         self.train_rows: TrainRows | None = None
         self.eval_set: EvalSet | None = None
+        self.start: TrainPosition | None = None  # a resumed run's place in its data (``load_state_dict``)
 
     def prepare_data(self) -> None:
         if self.synthetic is None:
@@ -144,15 +147,42 @@ class RetrievalDataModule(L.LightningDataModule):
         return TrainRows(table, self.train_source, num_negatives=self.num_negatives, root=root,
                          verify_images=self.verify_images, skip_bad_rows=self.skip_bad_rows)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if not shuffle and world_size > 1:
-            dataset = PaddedRows(dataset, world_size)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def state_dict(self) -> dict:
+        """The training position (epoch, batches of it finished) for a checkpoint, so a resumed run goes on from there.
+
+        Read from Lightning's loop counters, whichever hook saves (after a batch, after a validation, at the end of an
+        epoch or of fit): a checkpoint written after a batch counts that batch as finished; once an epoch's batches
+        are all processed, the position is the next epoch's start.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress.current
+        if epochs.processed == epochs.started:  # between epochs
+            return {"train_position": {"epoch": epochs.processed, "batches": 0}}
+        return {"train_position": {"epoch": epochs.processed, "batches": batches.ready}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        position = state_dict.get("train_position")
+        self.start = TrainPosition(**position) if position else None
+
+    def _shard(self) -> dict:
+        """This rank and the world size, as Lightning would give a ``DistributedSampler``."""
+        return (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+
+    def _start(self) -> TrainPosition | None:
+        """The resumed position, once (the next ``train_dataloader`` call, e.g. a later fit, starts afresh)."""
+        start, self.start = self.start, None
+        if start is not None:
+            rank_zero_info(f"resuming the training data at epoch {start.epoch}, after batch {start.batches}")
+        return start
+
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            dataset = PaddedRows(dataset, self.trainer.world_size)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=generator,
-            num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
-            pin_memory=self._pin_memory(),
+            dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=self.collator,
+            persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -161,8 +191,15 @@ class RetrievalDataModule(L.LightningDataModule):
         if len(self.train_rows) < self.batch_size:
             raise ValueError(f"{self.train_source}: {len(self.train_rows)} rows, fewer than one batch "
                              f"({self.batch_size}); lower data.batch_size")
+        shard = self._shard()
+        sampler = ShuffledRows(len(self.train_rows), self.batch_size, seed=self.seed, rank=shard.get("rank", 0),
+                               world_size=shard.get("num_replicas", 1), start=self._start())
         # drop_last: every step has a full batch (equal in-batch negatives, equal per-rank batches under DDP).
-        return self._loader(self.train_rows, self.batch_size, shuffle=True)
+        return DataLoader(
+            self.train_rows, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
+        )
 
     def _token_budget_loader(self) -> DataLoader:
         if self.row_costs is None:
@@ -170,10 +207,10 @@ class RetrievalDataModule(L.LightningDataModule):
         # Lightning's sharding of a training loader under DDP: its DistributedSampler is handed to the batch sampler
         # (a BatchSampler subclass it rebuilds), which reads rank, world size and epoch from it and packs the same
         # batches as below; with use_distributed_sampler false, the ranks given here are used as they are.
-        shard = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        shard = self._shard()
         sampler = TokenBudgetBatchSampler(
             self.row_costs, self.max_tokens_per_batch, max_batch_size=self.batch_size, seed=self.seed,
-            rank=shard.get("rank", 0), world_size=shard.get("num_replicas", 1),
+            rank=shard.get("rank", 0), world_size=shard.get("num_replicas", 1), start=self._start(),
         )
         rank_zero_info(f"token-budget batching: {len(sampler)} batches per epoch per rank (of {len(self.train_rows)} "
                        f"rows, at most {self.max_tokens_per_batch} padded tokens and {self.batch_size} rows each)")
@@ -189,8 +226,8 @@ class RetrievalDataModule(L.LightningDataModule):
         if self.eval_set is None:
             return []
         # Queries first, then the corpus: the retrieval callback streams the corpus against all queries.
-        return [self._loader(self.eval_set.query_rows(), self.eval_batch_size, shuffle=False),
-                self._loader(self.eval_set.corpus_rows(), self.eval_batch_size, shuffle=False)]
+        return [self._loader(self.eval_set.query_rows(), self.eval_batch_size),
+                self._loader(self.eval_set.corpus_rows(), self.eval_batch_size)]
 
     def test_dataloader(self) -> list[DataLoader]:
         return self.val_dataloader()
@@ -286,4 +323,4 @@ class RerankDataModule(RetrievalDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         if self.candidates is None:
             return []
-        return [self._loader(self.candidates.pairs(self.eval_set), self.eval_batch_size, shuffle=False)]
+        return [self._loader(self.candidates.pairs(self.eval_set), self.eval_batch_size)]

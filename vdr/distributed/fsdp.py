@@ -12,14 +12,18 @@ whole on each rank; :func:`shard_module` returns them so their gradients can be 
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from vdr.lit.checkpoint_io import PARTIAL, remove_stale_partials, sync_directory
 from vdr.models.backbone import set_gradient_checkpointing
 
 
@@ -79,6 +83,37 @@ class FSDP2Strategy(ModelParallelStrategy):
         # ModelParallelStrategy's "auto" makes only the nodes data-parallel; here every rank is.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Writes a sharded checkpoint so that a kill never leaves a mixed or partial one at ``filepath``.
+
+        Lightning writes the shards into the checkpoint's own directory, over the previous ones: a rank killed midway
+        leaves some files new and some old. Here every rank writes into a staging directory beside it; once all are
+        done, rank 0 swaps it in (the previous checkpoint is renamed aside, the staging directory renamed into place,
+        the previous one deleted). A kill before the swap leaves the previous checkpoint whole; between the two renames
+        (microseconds) the previous one is whole under ``.NAME.previous``. Single-file checkpoints are atomic through
+        the CheckpointIO (``vdr.lit.checkpoint_io``).
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(f".{path.name}{PARTIAL}sharded")
+        previous = path.with_name(f".{path.name}.previous")
+        if self.global_rank == 0:
+            remove_stale_partials(path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("vdr-checkpoint-staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("vdr-checkpoint-written")
+        if self.global_rank == 0:
+            if path.is_dir():
+                os.replace(path, previous)
+            elif path.exists():
+                path.unlink()
+            os.replace(staging, path)
+            sync_directory(path.parent)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("vdr-checkpoint-swapped")
 
 
 def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[torch.nn.Parameter]:

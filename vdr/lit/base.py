@@ -8,13 +8,20 @@ from __future__ import annotations
 import functools
 import math
 import os
+import random
+import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
+from vdr.lit.checkpoint_io import AtomicCheckpointIO
 from vdr.lit.schedule import Decay, warmup_decay
 from vdr.models.backbone import set_gradient_checkpointing
 from vdr.models.lora import LoraOptions, add_lora
@@ -55,6 +62,30 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
 
 
+NonFiniteLoss = Literal["stop", "skip"]
+
+
+def rng_states() -> dict:
+    """Every global random generator's state, as plain data and tensors (loadable with ``weights_only``)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restores what :func:`rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class VdrModule(L.LightningModule):
     """Base of the vdr LightningModules. Subclasses set ``CHECKPOINT_KIND`` and build ``self.model``.
 
@@ -64,6 +95,9 @@ class VdrModule(L.LightningModule):
     CHECKPOINT_KIND = ""
     _unsharded: list[torch.nn.Parameter] | None = None  # set by configure_model under FSDP
     _skipped_rows = 0  # training rows this rank passed over so far (skip_bad_rows)
+    _skipped_steps = 0  # steps skipped for a non-finite loss (nonfinite_loss: skip)
+    _discard_gradients = False  # the current optimizer step is skipped: its gradients are dropped before it
+    _resumed_rng: dict | None = None  # random states of the checkpoint being resumed, set at the first training batch
 
     @property
     def trunk(self) -> torch.nn.Module:
@@ -92,6 +126,19 @@ class VdrModule(L.LightningModule):
                     dist.all_reduce(param.grad)
                     param.grad /= dist.get_world_size()
 
+    def on_train_end(self) -> None:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        rows = getattr(data, "train_rows", None)
+        if getattr(data, "skip_bad_rows", False) and rows is not None:
+            # Every rank sees the same dropped rows; the passed-over ones are summed in data/skipped_rows.
+            dropped = list(getattr(rows, "dropped", {}))
+            more = ", ..." if len(dropped) > 10 else ""
+            named = f" (rows {', '.join(map(str, dropped[:10]))}{more})" if dropped else ""
+            rank_zero_info(f"skip_bad_rows: {len(dropped)} training rows failed the checks at setup and were left "
+                           f"out{named}; {self._skipped_rows} did not decode and were passed over (rank 0)")
+        if self._skipped_steps:
+            rank_zero_info(f"nonfinite_loss: skip: {self._skipped_steps} steps had a non-finite loss and were skipped")
+
     def _count_skipped(self, batch) -> None:
         """Logs ``data/skipped_rows``: the training rows every rank has passed over so far, with ``skip_bad_rows``."""
         data = self._trainer.datamodule if self._trainer is not None else None
@@ -100,9 +147,58 @@ class VdrModule(L.LightningModule):
         self._skipped_rows += batch.skipped
         self.log("data/skipped_rows", float(self._skipped_rows), reduce_fx="sum", sync_dist=True, batch_size=1)
 
-    def _configure_training(self, optimizer, warmup_ratio: float, decay: Decay, min_lr_ratio: float) -> None:
+    def _configure_training(self, optimizer, warmup_ratio: float, decay: Decay, min_lr_ratio: float,
+                            nonfinite_loss: NonFiniteLoss) -> None:
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {nonfinite_loss!r}")
         self.optimizer_factory = optimizer
         self.warmup_ratio, self.decay, self.min_lr_ratio = warmup_ratio, decay, min_lr_ratio
+        self.nonfinite_loss = nonfinite_loss
+
+    def _train_on(self, loss: torch.Tensor, batch) -> bool:
+        """Whether to train on ``loss``: False when any rank's loss is NaN or infinite and ``nonfinite_loss: skip``
+        (the caller then returns :meth:`_skipped_step_loss`); ``stop`` raises instead. Either way the message names
+        this rank's training rows.
+
+        All ranks decide together (one all-reduce of a flag), so they skip or step as one.
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        everywhere = finite
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([int(finite)], device=loss.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            everywhere = bool(flag.item())
+        if everywhere:
+            return True
+        data = self._trainer.datamodule if self._trainer is not None else None
+        source = getattr(data, "train_source", None)
+        where = f"training rows {batch.rows.tolist()}" + (f" of {source}" if source else "")
+        what = (f"the loss is {loss.item()} on {where}" if not finite
+                else f"another rank's loss is not finite ({where} here)")
+        if self.nonfinite_loss == "stop":
+            raise FloatingPointError(f"step {self.global_step}: {what}. Training stopped (model.nonfinite_loss: stop; "
+                                     "`skip` skips such steps instead)")
+        self._skipped_steps += 1
+        self._discard_gradients = True
+        warnings.warn(f"step {self.global_step}: {what}; the step is skipped (model.nonfinite_loss: skip), "
+                      f"{self._skipped_steps} so far", stacklevel=2)
+        self.log("train/skipped_steps", float(self._skipped_steps), batch_size=1)
+        return False
+
+    def _skipped_step_loss(self) -> torch.Tensor:
+        """What ``training_step`` returns for a skipped step: a zero connected to no weight.
+
+        Lightning refuses ``None`` from a training step under DDP and FSDP; backpropagating this reaches no parameter,
+        and ``on_before_optimizer_step`` then drops every gradient of the step (earlier accumulated micro-batches'
+        too), so the optimizer updates nothing: no weight, no moment, no step count.
+        """
+        return torch.zeros((), device=self.device, requires_grad=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._discard_gradients:
+            for param in self.parameters():
+                param.grad = None
+            self._discard_gradients = False
 
     @staticmethod
     def _freeze(trunk: torch.nn.Module, *, vision: bool, token_embeddings: bool) -> None:
@@ -143,7 +239,26 @@ class VdrModule(L.LightningModule):
         module.model.load_state_dict(weights, strict=True)
         return module.eval()
 
+    def on_fit_start(self) -> None:
+        # Atomic checkpoint files, unless the run chose its own CheckpointIO (see vdr.lit.checkpoint_io).
+        strategy = self.trainer.strategy
+        if type(getattr(strategy, "_checkpoint_io", None) or strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored at the first training batch, not now: the loops draw random numbers (e.g. DataLoader seeds) between
+        # loading the checkpoint and the first step that the run being resumed had already drawn before saving it.
+        self._resumed_rng = checkpoint.get("rng")
+        self._skipped_steps = checkpoint.get("vdr_skipped_steps", 0)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = rng_states()
+        checkpoint["vdr_skipped_steps"] = self._skipped_steps
         checkpoint["vdr"] = checkpoint_marker(self.CHECKPOINT_KIND)
         # `vdr validate|test --ckpt_path X` rebuilds the module from these hyperparameters; the class tells LightningCLI
         # which module they belong to (a reranker's would otherwise be read as the default bi-encoder's).

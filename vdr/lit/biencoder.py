@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, PagePreprocessing, RetrievalBatch
 from vdr.distributed.collectives import all_gather_uneven, gather_with_grad, world
-from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
+from vdr.lit.base import BackboneConfig, NonFiniteLoss, VdrModule, default_optimizer
 from vdr.lit.gradcache import CachedEmbeddings
 from vdr.lit.schedule import Decay
 from vdr.losses.contrastive import InfoNCELoss
@@ -66,6 +66,8 @@ class BiEncoderModule(VdrModule):
         page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
             run on the training device at the forward, bit-identical to the HF processor on the CPU
             (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
+        nonfinite_loss: A NaN or infinite training loss ``"stop"``s the run, or ``"skip"``s the step (no update; a
+            warning names the batch's rows; ``train/skipped_steps`` counts them). Either way the rows are named.
 
     Global negatives and gradient accumulation: each micro-batch is its own contrastive problem over the documents
     of all ranks for that micro-batch (``world size x per-device batch x (1 + k)`` documents); the accumulated
@@ -94,6 +96,7 @@ class BiEncoderModule(VdrModule):
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
         page_preprocessing: PagePreprocessing = "device",
+        nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
         super().__init__()
         # Dicts arrive from load_from_checkpoint (hyperparameters are saved as plain data).
@@ -113,7 +116,7 @@ class BiEncoderModule(VdrModule):
              "mini_batch_size": mini_batch_size, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
-             "page_preprocessing": page_preprocessing}
+             "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
         for side, saved in loaded.prompts.items():
@@ -127,7 +130,7 @@ class BiEncoderModule(VdrModule):
         self.loss = loss or InfoNCELoss()
         if isinstance(self.loss, MatryoshkaLoss):
             self.loss.check_dim(self.model.embedding_dim)  # a prefix longer than the embedding fails now, not at step 1
-        self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
+        self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio, nonfinite_loss)
         self.hard_negatives_after_step = hard_negatives_after_step
         self.global_negatives = global_negatives
         self.mini_batch_size = mini_batch_size
@@ -147,10 +150,12 @@ class BiEncoderModule(VdrModule):
             queries = self.model(batch.queries)  # [B, D]
             documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
             loss = self._loss(queries, documents, keys)
+            if not self._train_on(loss, batch):
+                return self._skipped_step_loss()  # no update
         else:
-            loss = self._cached_loss(batch.queries, documents, keys)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
+            loss = self._cached_loss(batch, documents, keys)
+            if loss is None:
+                return self._skipped_step_loss()
         # Averaged over ranks (each rank's weighted by its share of the rows): the global batch's mean loss.
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         self.log("train/temperature", self.loss.temperature, batch_size=len(batch))
@@ -179,14 +184,16 @@ class BiEncoderModule(VdrModule):
         documents, keys, offset, weight = self._gather(documents, keys)
         return self.loss(queries, documents, document_keys=keys, offset=offset) * weight
 
-    def _cached_loss(self, queries: EncoderInputs, documents: EncoderInputs, keys: torch.Tensor) -> torch.Tensor:
+    def _cached_loss(self, batch: RetrievalBatch, documents: EncoderInputs, keys: torch.Tensor) -> torch.Tensor | None:
         """GradCache: the plain loss's value and gradients, one mini-batch of activations at a time.
 
         Every mini-batch but the last is replayed and backpropagated here, without gradient synchronisation (DDP: the
         step's one all-reduce happens in Lightning's backward of the returned tensor, over the accumulated gradients;
         FSDP2 reduce-scatters after each replay). The returned tensor's value is the loss; its backward runs the last
-        replay and gives a learnable temperature its gradient.
+        replay and gives a learnable temperature its gradient. None: the loss is not finite and the step is skipped
+        (checked before any backward, so no gradient has been accumulated).
         """
+        queries = batch.queries
         passes = [math.ceil(len(side) / self.mini_batch_size) for side in (queries, documents)]
         if self._unsharded is not None and world()[1] > 1:
             # FSDP gathers weights in every forward and reduce-scatters gradients in every backward: ranks whose
@@ -198,6 +205,8 @@ class BiEncoderModule(VdrModule):
                  for side, n in zip((queries, documents), passes)]
         gathered, keys, offset, weight = self._gather(sides[1].embeddings, keys)
         loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset) * weight
+        if not self._train_on(loss, batch):
+            return None
         loss.backward(inputs=[side.embeddings for side in sides])  # the gradient cache, through the all-gather
         *early, last = [replay for side in sides for replay in side.replays()]  # documents (with images) last
         # Lightning divides what training_step returns by the accumulation steps before its backward; so do we.

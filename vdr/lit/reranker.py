@@ -13,7 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from vdr.data.collator import PagePreprocessing
 from vdr.data.rerank_collator import RerankBatch, RerankCollator, ScoreBatch
-from vdr.lit.base import BackboneConfig, VdrModule, default_optimizer
+from vdr.lit.base import BackboneConfig, NonFiniteLoss, VdrModule, default_optimizer
 from vdr.lit.schedule import Decay
 from vdr.losses.ranking import ListwiseCE, RankingLoss
 from vdr.models.backbone import load_backbone
@@ -48,6 +48,8 @@ class RerankerModule(VdrModule):
         page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
             run on the training device at the forward, bit-identical to the HF processor on the CPU
             (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
+        nonfinite_loss: A NaN or infinite training loss ``"stop"``s the run, or ``"skip"``s the step (no update; a
+            warning names the batch's rows; ``train/skipped_steps`` counts them). Either way the rows are named.
     """
 
     CHECKPOINT_KIND = CHECKPOINT_KIND
@@ -69,6 +71,7 @@ class RerankerModule(VdrModule):
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
         page_preprocessing: PagePreprocessing = "device",
+        nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
         super().__init__()
         if isinstance(backbone, dict):  # from a checkpoint's plain-data hyperparameters
@@ -83,7 +86,7 @@ class RerankerModule(VdrModule):
              "freeze_token_embeddings": freeze_token_embeddings, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
-             "page_preprocessing": page_preprocessing}
+             "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
         loaded = load_backbone(**asdict(self.backbone_config), lm_head=True)
         self.model = Reranker(loaded.model, *yes_no_token_ids(loaded.processor.tokenizer))
@@ -92,7 +95,7 @@ class RerankerModule(VdrModule):
                                        page_preprocessing)
         self.loss = loss or ListwiseCE()
         self.batch_negatives = batch_negatives
-        self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio)
+        self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio, nonfinite_loss)
         self._freeze(loaded.trunk, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
                     freeze_vision=freeze_vision)
@@ -125,8 +128,8 @@ class RerankerModule(VdrModule):
     def training_step(self, batch: RerankBatch, batch_idx: int) -> torch.Tensor:
         scores = self.model(batch.inputs).view(batch.labels.shape)  # [B, G]
         loss = self.loss(scores, batch.labels, mask=batch.mask, teacher=batch.teacher)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} on dataset rows {batch.rows.tolist()}")
+        if not self._train_on(loss, batch):
+            return self._skipped_step_loss()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch), sync_dist=True)  # mean over ranks
         self._count_skipped(batch)
         return loss
