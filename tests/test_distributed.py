@@ -368,3 +368,20 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_all(synth: Path, tmp_pat
     for rank in (0, 1):
         record = json.loads((tmp_path / "out" / f"rank{rank}-poison.json").read_text())
         assert record == {"changed": [True, False, True], "skipped_steps": 1}, rank
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_mid_epoch_with_max_epochs_set(synth: Path, tmp_path: Path) -> None:
+    # 48 rows on 2 ranks of 4: 6 steps an epoch, stopped after 3. With max_epochs set, FSDP builds the training loader
+    # before it reads the checkpoint (its optimizer setup counts an epoch's steps): it must be rebuilt at the position.
+    def args(name: str, steps: int) -> list[str]:
+        return [*fit_args(synth, name, devices=2, batch=PER_RANK_BATCH, steps=steps), "--data.train",
+                str(synth / "train"), "--trainer.max_epochs", "2", *FSDP, *FROZEN]
+
+    vdr(*args("straight", 6), *probe_args(tmp_path / "straight"), cwd=tmp_path)
+    vdr(*args("cut", 3), *probe_args(tmp_path / "first"), cwd=tmp_path)
+    vdr(*args("cut", 6), "--ckpt_path", "last", *probe_args(tmp_path / "resumed"), cwd=tmp_path)
+    straight, first, resumed = (ranks(tmp_path / n) for n in ("straight", "first", "resumed"))
+    for rank in (0, 1):
+        assert len(first[rank]["losses"]) == 3 and len(resumed[rank]["losses"]) == 3
+        assert first[rank]["losses"] + resumed[rank]["losses"] == pytest.approx(straight[rank]["losses"], abs=1e-5)

@@ -117,3 +117,36 @@ def test_reranker_skips_too(tiny_synth: Path) -> None:
 def test_nonfinite_loss_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="nonfinite_loss must be 'stop' or 'skip'"):
         BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), nonfinite_loss="ignore")
+
+
+class PoisonGradient(Watch):
+    """A finite loss whose gradients are NaN at ``POISONED_STEP`` (a hook on the temperature's gradient)."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before = self._weights(module)
+        self.hook = None
+        if trainer.global_step == POISONED_STEP:
+            self.hook = module.loss.log_scale.register_hook(lambda grad: grad * float("nan"))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_nonfinite_gradients_of_a_finite_loss_are_never_applied(tiny_synth: Path, mode: str) -> None:
+    module = biencoder(0.0, nonfinite_loss=mode)
+    watch = PoisonGradient()
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[watch],
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    data = RetrievalDataModule(train=str(tiny_synth / "train"), batch_size=8)
+    if mode == "stop":
+        with pytest.raises(FloatingPointError, match=r"step 1: the loss is finite but its gradients are not .*rows \["):
+            trainer.fit(module, datamodule=data)
+    else:
+        with pytest.warns(UserWarning, match=r"gradients are not .* the step is skipped"):
+            trainer.fit(module, datamodule=data)
+        assert watch.changed == [True, False, True, True]  # clipping did not spread the NaN: nothing moved
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -29,17 +29,21 @@ from vdr.config_includes import expand_includes  # noqa: E402
 from vdr.data.datamodule import RetrievalDataModule  # noqa: E402
 from vdr.data.errors import DataError  # noqa: E402
 from vdr.lit.base import VdrModule  # noqa: E402
+from vdr.lit.checkpoint_io import recover_interrupted_swap  # noqa: E402
 
 DEFAULT_CLASSES = {"model": {"class_path": "vdr.lit.biencoder.BiEncoderModule"},
                    "data": {"class_path": "vdr.data.datamodule.RetrievalDataModule"}}
 
 
 class SaveConfig(SaveConfigCallback):
-    """Lightning's config saving; a resumed run (``--ckpt_path``) in the folder of the run it resumes keeps that run's
-    ``config.yaml`` and writes its own beside it: ``config.resumed-1.yaml``, ``config.resumed-2.yaml``, ..."""
+    """Lightning's config saving; a resumed run (``--ckpt_path``, or a fixed logger version) in the folder of the run
+    it resumes keeps that run's ``config.yaml`` and writes its own beside it: ``config.resumed-1.yaml``, ..."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.config.get("ckpt_path") and not self.already_saved and trainer.log_dir:
+        # Also a requeued job that died before its first checkpoint: same folder (its logger version), no ckpt_path.
+        logger = self.config.get("trainer", Namespace()).get("logger")
+        pinned = isinstance(logger, Namespace) and (logger.get("init_args") or Namespace()).get("version") is not None
+        if (self.config.get("ckpt_path") or pinned) and not self.already_saved and trainer.log_dir:
             taken = trainer.strategy.broadcast(sorted(p.name for p in Path(trainer.log_dir).glob("config*.yaml")))
             if self.config_filename in taken:
                 stem = Path(self.config_filename).stem
@@ -117,8 +121,11 @@ def resume_in_place(config: Namespace) -> None:
         if version is not None:
             folders = [run / (version if isinstance(version, str) else f"version_{version}")]
         else:
-            folders = [path.parent.parent for path in run.glob("*/checkpoints/last.ckpt")]
+            folders = [path.parent.parent for path in run.glob("*/checkpoints/*last.ckpt*")]
+        for folder in folders:
+            recover_interrupted_swap(folder / "checkpoints" / "last.ckpt")
         found = [folder for folder in folders if (folder / "checkpoints" / "last.ckpt").exists()]
+        found = list(dict.fromkeys(found))
         if not found:
             where = folders[0] if version is not None else run
             rank_zero_info(f"--ckpt_path last: no checkpoints/last.ckpt under {where}; starting a new run")

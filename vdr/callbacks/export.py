@@ -26,8 +26,11 @@ class ExportBest(L.Callback):
         self.output, self.truncate_dim, self.dtype, self.overwrite = output, truncate_dim, dtype, overwrite
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        checkpointing = trainer.checkpoint_callback
-        path = checkpointing and (checkpointing.best_model_path or checkpointing.last_model_path)
+        # The best checkpoint of the first ModelCheckpoint that ranked one, else the newest last checkpoint (a run
+        # without validation has only ResumeCheckpoint's last.ckpt).
+        callbacks = trainer.checkpoint_callbacks
+        path = next((c.best_model_path for c in callbacks if c.best_model_path), None) or \
+            next((c.last_model_path for c in callbacks if c.last_model_path), None)
         if not path:
             rank_zero_warn("ExportBest: no checkpoint was saved (add a ModelCheckpoint); nothing exported")
             return

@@ -1,11 +1,12 @@
 """The checkpoint a run resumes from: ``last.ckpt`` every N steps, at the end, and when the job is told to stop.
 
 A job on a cluster is stopped with SIGTERM (preemption; SLURM's time limit with ``--signal=TERM@120``, see
-scripts/slurm/vdr.sbatch). Lightning notes the signal (``trainer.received_sigterm``); this callback then, at the end of
-the current training step and on every rank together, writes ``last.ckpt`` (atomically: ``vdr.lit.checkpoint_io``),
-asks SLURM to requeue the job, and stops the run. The requeued job runs the same command, whose ``--ckpt_path last``
-finds that checkpoint (``vdr.cli``), and the resumed run continues with the next step: same batches
-(``vdr.data.resume``), learning rate, optimizer state and random state as a run that was never stopped.
+scripts/slurm/vdr.sbatch). This callback's handler notes the signal; at the end of the current optimizer step (a
+validation or an epoch's end in between runs to its end first), on every rank together, it writes ``last.ckpt``
+(atomically: ``vdr.lit.checkpoint_io``), asks SLURM to requeue the job, and stops the run with exit status 143.
+The requeued job runs the same command, whose ``--ckpt_path last`` finds that checkpoint (``vdr.cli``), and the
+resumed run continues with the next step: same batches (``vdr.data.resume``), learning rate, optimizer state and
+random state as a run that was never stopped.
 
 A SIGKILL (or a crash) cannot be answered: the run resumes from the last periodic save, and repeats the steps after it
 exactly.
@@ -17,7 +18,11 @@ the signal handler, wherever in a step each rank happens to be, which is not a s
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import threading
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -26,6 +31,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vdr.lit.checkpoint_io import PARTIAL
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -46,6 +53,29 @@ class ResumeCheckpoint(ModelCheckpoint):
                          enable_version_counter=False)
         self.requeue = requeue
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
+            for stale in Path(self.dirpath).glob(f".*{PARTIAL}*"):  # left by writers killed mid-save
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Our own SIGTERM handler, in place of Lightning's: Lightning's stops the run wherever it notices the signal
+        # (after a validation, at an epoch's end: no checkpoint) and, on several ranks, broadcasts from inside the
+        # handler. Ours only raises a flag, read at the end of a training step.
+        self._signalled = False
+        self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signalled = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(self, "_previous_handler", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -53,18 +83,25 @@ class ResumeCheckpoint(ModelCheckpoint):
             # Saved now rather than at the end of fit: by then Lightning may have begun (and counted) an empty epoch,
             # and a run resumed from that count would read another epoch's shuffle than an uninterrupted run.
             self._save_last(trainer)
+        # Only where an optimizer step ended: mid-way through gradient accumulation the gradients so far would be lost.
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.current.ready % trainer.accumulate_grad_batches and not progress.is_last_batch:
+            return
         if not self._stop_requested(trainer):
             return
         self._save_last(trainer)
         rank_zero_info(f"SIGTERM: saved {self.last_model_path} after step {trainer.global_step}; stopping")
         if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
             self._requeue(os.environ["SLURM_JOB_ID"])
-        raise SIGTERMException  # Lightning's own stop on SIGTERM, on every rank at once
+        raise SIGTERMException(143)  # on every rank at once; 143: stopped by SIGTERM, not finished
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._final_batch(trainer):
-            # The final validation's metrics belong in the last checkpoint too (the model card reads them).
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if self._final_batch(trainer) or self._last_global_step_saved == trainer.global_step:
+            # Saved again after a validation that followed this step's save: the checkpoint then holds its metrics
+            # (the model card reads them) and a run resumed from it does not skip that validation.
             self._last_global_step_saved = -1
             self._save_last(trainer)
 
@@ -87,10 +124,9 @@ class ResumeCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_global_step_saved = trainer.global_step
 
-    @staticmethod
-    def _stop_requested(trainer: L.Trainer) -> bool:
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
         """Whether any rank got SIGTERM (signals reach ranks at different moments; all must save together)."""
-        stop = bool(trainer.received_sigterm)
+        stop = bool(getattr(self, "_signalled", False) or trainer.received_sigterm)
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 
 import lightning as L
 import torch
@@ -158,13 +159,24 @@ class RetrievalDataModule(L.LightningDataModule):
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress.current
-        if epochs.processed == epochs.started:  # between epochs
-            return {"train_position": {"epoch": epochs.processed, "batches": 0}}
+        if epochs.processed == epochs.started or batches.ready >= trainer.num_training_batches:
+            # Between epochs, or after an epoch's last batch (limit_train_batches may end it early): the next one.
+            return {"train_position": {"epoch": epochs.processed + (epochs.processed != epochs.started), "batches": 0}}
         return {"train_position": {"epoch": epochs.processed, "batches": batches.ready}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         position = state_dict.get("train_position")
         self.start = TrainPosition(**position) if position else None
+        loop = self.trainer.fit_loop if self.trainer is not None else None
+        if self.start is not None and loop is not None and loop._combined_loader is not None:
+            # The training loader was built before the checkpoint was read (FSDP restores after the strategy's setup,
+            # whose optimizer setup counts the steps of an epoch): build it again, from the position.
+            if loop._data_fetcher is not None:
+                loop._data_fetcher.teardown()
+                loop._data_fetcher = None
+            loop._combined_loader = None
+        # Lightning warns that a mid-epoch resume restarts the epoch; ours does not.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def _shard(self) -> dict:
         """This rank and the world size, as Lightning would give a ``DistributedSampler``."""
@@ -182,7 +194,7 @@ class RetrievalDataModule(L.LightningDataModule):
             dataset = PaddedRows(dataset, self.trainer.world_size)
         return DataLoader(
             dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=self.collator,
-            persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(),
+            persistent_workers=self.num_workers > 0, pin_memory=self._pin_memory(), generator=self._generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -198,7 +210,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_rows, batch_size=self.batch_size, sampler=sampler, drop_last=True,
             num_workers=self.num_workers, collate_fn=self.collator, persistent_workers=self.num_workers > 0,
-            pin_memory=self._pin_memory(),
+            pin_memory=self._pin_memory(), generator=self._generator(),
         )
 
     def _token_budget_loader(self) -> DataLoader:
@@ -216,7 +228,12 @@ class RetrievalDataModule(L.LightningDataModule):
                        f"rows, at most {self.max_tokens_per_batch} padded tokens and {self.batch_size} rows each)")
         return DataLoader(self.train_rows, batch_sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.collator, persistent_workers=self.num_workers > 0,
-                          pin_memory=self._pin_memory())
+                          pin_memory=self._pin_memory(), generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        """A loader's own generator: starting an iterator draws its workers' base seed from it, not from torch's
+        global generator, whose state a checkpoint restores and a resumed run must find as the stopped run left it."""
+        return torch.Generator().manual_seed(self.seed)
 
     def _pin_memory(self) -> bool:
         """Batches go to a GPU: pin them (the loader's thread does it), so Lightning's non-blocking copy is async."""

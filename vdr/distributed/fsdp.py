@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from vdr.lit.checkpoint_io import PARTIAL, remove_stale_partials, sync_directory
+from vdr.lit.checkpoint_io import PARTIAL, recover_interrupted_swap, remove_stale_partials, sync_directory
 from vdr.models.backbone import set_gradient_checkpointing
 
 
@@ -91,8 +91,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         leaves some files new and some old. Here every rank writes into a staging directory beside it; once all are
         done, rank 0 swaps it in (the previous checkpoint is renamed aside, the staging directory renamed into place,
         the previous one deleted). A kill before the swap leaves the previous checkpoint whole; between the two renames
-        (microseconds) the previous one is whole under ``.NAME.previous``. Single-file checkpoints are atomic through
-        the CheckpointIO (``vdr.lit.checkpoint_io``).
+        (microseconds) the previous one is whole under ``.NAME.previous``, and is put back by the next save or by
+        ``--ckpt_path last`` (:func:`vdr.lit.checkpoint_io.recover_interrupted_swap`). Single-file checkpoints are
+        atomic through the CheckpointIO (``vdr.lit.checkpoint_io``).
         """
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -100,6 +101,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         staging = path.with_name(f".{path.name}{PARTIAL}sharded")
         previous = path.with_name(f".{path.name}.previous")
         if self.global_rank == 0:
+            recover_interrupted_swap(path)
             remove_stale_partials(path)
             shutil.rmtree(previous, ignore_errors=True)
         self.barrier("vdr-checkpoint-staging")

@@ -66,12 +66,13 @@ NonFiniteLoss = Literal["stop", "skip"]
 
 
 def rng_states() -> dict:
-    """Every global random generator's state, as plain data and tensors (loadable with ``weights_only``)."""
+    """This process's random generators' states (Python, NumPy, torch, its CUDA device), as plain data and tensors
+    (loadable with ``weights_only``)."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     states = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, cached],
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -83,7 +84,7 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 class VdrModule(L.LightningModule):
@@ -97,6 +98,7 @@ class VdrModule(L.LightningModule):
     _skipped_rows = 0  # training rows this rank passed over so far (skip_bad_rows)
     _skipped_steps = 0  # steps skipped for a non-finite loss (nonfinite_loss: skip)
     _discard_gradients = False  # the current optimizer step is skipped: its gradients are dropped before it
+    _last_rows: list[int] = []  # the training rows of the latest batch (named when a step goes non-finite)
     _resumed_rng: dict | None = None  # random states of the checkpoint being resumed, set at the first training batch
 
     @property
@@ -168,11 +170,12 @@ class VdrModule(L.LightningModule):
             flag = torch.tensor([int(finite)], device=loss.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             everywhere = bool(flag.item())
-        if everywhere:
+        self._last_rows = batch.rows.tolist()
+        if everywhere or self._grad_scaler() is not None:
+            # fp16's GradScaler skips a step whose gradients are not finite itself, and lowers its scale: that is
+            # how fp16 training runs, not a fault.
             return True
-        data = self._trainer.datamodule if self._trainer is not None else None
-        source = getattr(data, "train_source", None)
-        where = f"training rows {batch.rows.tolist()}" + (f" of {source}" if source else "")
+        where = self._where(self._last_rows)
         what = (f"the loss is {loss.item()} on {where}" if not finite
                 else f"another rank's loss is not finite ({where} here)")
         if self.nonfinite_loss == "stop":
@@ -185,6 +188,15 @@ class VdrModule(L.LightningModule):
         self.log("train/skipped_steps", float(self._skipped_steps), batch_size=1)
         return False
 
+    def _where(self, rows: list[int]) -> str:
+        data = self._trainer.datamodule if self._trainer is not None else None
+        source = getattr(data, "train_source", None)
+        return f"training rows {rows}" + (f" of {source}" if source else "")
+
+    def _grad_scaler(self):
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
     def _skipped_step_loss(self) -> torch.Tensor:
         """What ``training_step`` returns for a skipped step: a zero connected to no weight.
 
@@ -195,10 +207,33 @@ class VdrModule(L.LightningModule):
         return torch.zeros((), device=self.device, requires_grad=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._discard_gradients and self._grad_scaler() is None and not self._finite_gradients():
+            # A finite loss whose gradients are not (an overflow in the backward): gradient clipping would spread the
+            # NaN to every weight. Stopped or skipped like a non-finite loss.
+            what = (f"step {self.global_step}: the loss is finite but its gradients are not (the step's last batch: "
+                    f"{self._where(self._last_rows)})")
+            if self.nonfinite_loss == "stop":
+                raise FloatingPointError(f"{what}. Training stopped (model.nonfinite_loss: stop; `skip` skips such "
+                                         "steps instead)")
+            self._skipped_steps += 1
+            self._discard_gradients = True
+            warnings.warn(f"{what}; the step is skipped (model.nonfinite_loss: skip), {self._skipped_steps} so far",
+                          stacklevel=2)
         if self._discard_gradients:
             for param in self.parameters():
                 param.grad = None
             self._discard_gradients = False
+
+    def _finite_gradients(self) -> bool:
+        """Whether every gradient on every rank is finite (one fused check and one all-reduce)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        finite = torch.stack([torch.isfinite(g).all() for g in local]).all().to(torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
 
     @staticmethod
     def _freeze(trunk: torch.nn.Module, *, vision: bool, token_embeddings: bool) -> None:
@@ -248,7 +283,9 @@ class VdrModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Restored at the first training batch, not now: the loops draw random numbers (e.g. DataLoader seeds) between
         # loading the checkpoint and the first step that the run being resumed had already drawn before saving it.
-        self._resumed_rng = checkpoint.get("rng")
+        states = checkpoint.get("rng") or {}
+        ranks = states.get("ranks", [])  # one per rank of the run that saved
+        self._resumed_rng = ranks[self.global_rank if self.global_rank < len(ranks) else 0] if ranks else None
         self._skipped_steps = checkpoint.get("vdr_skipped_steps", 0)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -257,7 +294,14 @@ class VdrModule(L.LightningModule):
             self._resumed_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng"] = rng_states()
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank's own states (every rank saves this dict; rank 0 writes it, or its meta file under FSDP).
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            checkpoint["rng"] = {"ranks": gathered}
+        else:
+            checkpoint["rng"] = {"ranks": [states]}
         checkpoint["vdr_skipped_steps"] = self._skipped_steps
         checkpoint["vdr"] = checkpoint_marker(self.CHECKPOINT_KIND)
         # `vdr validate|test --ckpt_path X` rebuilds the module from these hyperparameters; the class tells LightningCLI

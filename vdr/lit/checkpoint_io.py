@@ -41,6 +41,14 @@ def remove_stale_partials(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def recover_interrupted_swap(path: Path) -> None:
+    """Puts back a sharded checkpoint whose replacement was interrupted between its two renames (``FSDP2Strategy``):
+    ``.NAME.previous`` exists and ``NAME`` does not."""
+    previous = path.with_name(f".{path.name}.previous")
+    if previous.is_dir() and not path.exists():
+        os.replace(previous, path)
+
+
 def sync_directory(directory: Path) -> None:
     """Makes a rename inside ``directory`` durable (POSIX: fsync the directory)."""
     try:
