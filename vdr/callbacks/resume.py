@@ -18,21 +18,19 @@ the signal handler, wherever in a step each rank happens to be, which is not a s
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import threading
 from pathlib import Path
 
 import lightning as L
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vdr.lit.checkpoint_io import PARTIAL
+from vdr.distributed.collectives import agree
+from vdr.lit.checkpoint_io import remove_partials
 
 
 class ResumeCheckpoint(ModelCheckpoint):
@@ -56,8 +54,7 @@ class ResumeCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and os.path.isdir(self.dirpath):
-            for stale in Path(self.dirpath).glob(f".*{PARTIAL}*"):  # left by writers killed mid-save
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            remove_partials(Path(self.dirpath), "*")  # left by writers killed mid-save, best checkpoints' too
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Our own SIGTERM handler, in place of Lightning's: Lightning's stops the run wherever it notices the signal
@@ -127,11 +124,7 @@ class ResumeCheckpoint(ModelCheckpoint):
     def _stop_requested(self, trainer: L.Trainer) -> bool:
         """Whether any rank got SIGTERM (signals reach ranks at different moments; all must save together)."""
         stop = bool(getattr(self, "_signalled", False) or trainer.received_sigterm)
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        return agree(stop, trainer.strategy.root_device, everyone=False)
 
     @staticmethod
     def _requeue(job_id: str) -> None:

@@ -184,7 +184,7 @@ class TokenBudgetBatchSampler(BatchSampler):
             raise ValueError(f"{costs.name}: {len(costs)} rows pack into {packed} batch(es) under max_tokens="
                              f"{max_tokens}, fewer than the {self.world_size} ranks")
         self._plan: tuple[int, EpochPlan] | None = None
-        self.start = start and start.normalized(len(self))
+        self.start = start
         if self.start is not None:
             self.set_epoch(self.start.epoch)
 

@@ -21,13 +21,7 @@ class TrainPosition:
     """The epoch a run was in and how many of its training batches it had finished."""
 
     epoch: int
-    batches: int
-
-    def normalized(self, batches_per_epoch: int) -> TrainPosition:
-        """An epoch's end is the next epoch's start."""
-        if batches_per_epoch > 0 and self.batches >= batches_per_epoch:
-            return TrainPosition(self.epoch + 1, 0)
-        return self
+    batches: int  # fewer than the epoch's (an epoch's end is recorded as the next one's start)
 
 
 class ShuffledRows(DistributedSampler):
@@ -49,7 +43,7 @@ class ShuffledRows(DistributedSampler):
                  start: TrainPosition | None = None) -> None:
         super().__init__(range(num_rows), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.batch_size = batch_size
-        self.start = start and start.normalized(self.num_samples // batch_size)
+        self.start = start
         if self.start is not None:
             self.set_epoch(self.start.epoch)
 

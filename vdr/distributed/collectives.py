@@ -23,6 +23,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def agree(flag: bool, device: torch.device | str, *, everyone: bool) -> bool:
+    """``flag`` combined over every rank: true on all (``everyone``) or on any; this rank's alone without a process
+    group. Ranks that must take the same branch (skip a step, save and stop) decide with it."""
+    if world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN if everyone else dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _lengths(x: torch.Tensor) -> list[int]:
     size = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
     sizes = [torch.empty_like(size) for _ in range(world()[1])]

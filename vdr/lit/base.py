@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from vdr.distributed.collectives import agree
 from vdr.lit.checkpoint import checkpoint_marker, read_checkpoint
 from vdr.lit.checkpoint_io import AtomicCheckpointIO
 from vdr.lit.schedule import Decay, warmup_decay
@@ -165,28 +166,29 @@ class VdrModule(L.LightningModule):
         All ranks decide together (one all-reduce of a flag), so they skip or step as one.
         """
         finite = bool(torch.isfinite(loss.detach()).all())
-        everywhere = finite
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flag = torch.tensor([int(finite)], device=loss.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            everywhere = bool(flag.item())
+        everywhere = agree(finite, loss.device, everyone=True)
         self._last_rows = batch.rows.tolist()
         if everywhere or self._grad_scaler() is not None:
             # fp16's GradScaler skips a step whose gradients are not finite itself, and lowers its scale: that is
             # how fp16 training runs, not a fault.
             return True
         where = self._where(self._last_rows)
-        what = (f"the loss is {loss.item()} on {where}" if not finite
-                else f"another rank's loss is not finite ({where} here)")
-        if self.nonfinite_loss == "stop":
-            raise FloatingPointError(f"step {self.global_step}: {what}. Training stopped (model.nonfinite_loss: stop; "
-                                     "`skip` skips such steps instead)")
-        self._skipped_steps += 1
-        self._discard_gradients = True
-        warnings.warn(f"step {self.global_step}: {what}; the step is skipped (model.nonfinite_loss: skip), "
-                      f"{self._skipped_steps} so far", stacklevel=2)
+        self._stop_or_skip(f"the loss is {loss.item()} on {where}" if not finite
+                           else f"another rank's loss is not finite ({where} here)")
         self.log("train/skipped_steps", float(self._skipped_steps), batch_size=1)
         return False
+
+    def _stop_or_skip(self, what: str) -> None:
+        """A non-finite step: raises (``nonfinite_loss: stop``), or marks the step's gradients to be dropped, counts
+        and warns (``skip``)."""
+        what = f"step {self.global_step}: {what}"
+        if self.nonfinite_loss == "stop":
+            raise FloatingPointError(f"{what}. Training stopped (model.nonfinite_loss: stop; `skip` skips such steps "
+                                     "instead)")
+        self._skipped_steps += 1
+        self._discard_gradients = True
+        warnings.warn(f"{what}; the step is skipped (model.nonfinite_loss: skip), {self._skipped_steps} so far",
+                      stacklevel=3)
 
     def _where(self, rows: list[int]) -> str:
         data = self._trainer.datamodule if self._trainer is not None else None
@@ -210,15 +212,8 @@ class VdrModule(L.LightningModule):
         if not self._discard_gradients and self._grad_scaler() is None and not self._finite_gradients():
             # A finite loss whose gradients are not (an overflow in the backward): gradient clipping would spread the
             # NaN to every weight. Stopped or skipped like a non-finite loss.
-            what = (f"step {self.global_step}: the loss is finite but its gradients are not (the step's last batch: "
-                    f"{self._where(self._last_rows)})")
-            if self.nonfinite_loss == "stop":
-                raise FloatingPointError(f"{what}. Training stopped (model.nonfinite_loss: stop; `skip` skips such "
-                                         "steps instead)")
-            self._skipped_steps += 1
-            self._discard_gradients = True
-            warnings.warn(f"{what}; the step is skipped (model.nonfinite_loss: skip), {self._skipped_steps} so far",
-                          stacklevel=2)
+            self._stop_or_skip(f"the loss is finite but its gradients are not (the step's last batch: "
+                               f"{self._where(self._last_rows)})")
         if self._discard_gradients:
             for param in self.parameters():
                 param.grad = None
@@ -230,10 +225,8 @@ class VdrModule(L.LightningModule):
         if not grads:
             return True
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        finite = torch.stack([torch.isfinite(g).all() for g in local]).all().to(torch.int32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in local]).all())
+        return agree(finite, local[0].device, everyone=True)
 
     @staticmethod
     def _freeze(trunk: torch.nn.Module, *, vision: bool, token_embeddings: bool) -> None:

@@ -32,13 +32,19 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
 
 
-def remove_stale_partials(path: Path) -> None:
-    """Removes what killed writers of ``path`` left (only one process writes a given checkpoint at a time)."""
-    for stale in path.parent.glob(f".{path.name}{PARTIAL}*"):
+def remove_partials(directory: Path, name: str) -> None:
+    """Removes what killed writers of the checkpoints matching ``name`` (a glob) in ``directory`` left (one process
+    writes a given checkpoint at a time)."""
+    for stale in directory.glob(f".{name}{PARTIAL}*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Removes what killed writers of ``path`` left."""
+    remove_partials(path.parent, path.name)
 
 
 def recover_interrupted_swap(path: Path) -> None:
