@@ -124,3 +124,75 @@ def test_chunks_hold_exactly_their_sequences_and_images(processor, page_preproce
             assert torch.equal(ours[name], reference[name]), (i, name)
     queries = collator.encode_texts(["q one", "a longer query two", "q3"], "q").chunks(2)
     assert not queries[1].has_images and queries[1].input_ids.shape == (1, queries[1].attention_mask.sum())
+
+
+def test_token_budget_chunks_keep_order_and_stay_within_the_budget(processor) -> None:
+    collator = EmbeddingCollator(processor)
+    images = [_page(size, i) for i, size in enumerate(SIZES)]
+    pages = collator.encode_pages(images, "d", [None, "a caption", None, "another, longer caption", None, "six"])
+    queries = collator.encode_texts(["q one", "a longer query two", "q3", "four", "five", "query six"], "q")
+    for inputs in (pages, queries):
+        lengths = inputs.attention_mask.sum(1).tolist()
+        for budget in (1, max(lengths), 2 * max(lengths), 10**6):
+            for size in (None, 2):
+                chunks = inputs.chunks(size, budget)
+                assert sum(len(c) for c in chunks) == len(inputs)  # every sequence once, in order
+                assert torch.equal(torch.cat([c.input_ids[:, 0] for c in chunks]), inputs.input_ids[:, 0])
+                for chunk in chunks:
+                    padded = len(chunk) * chunk.input_ids.shape[1]
+                    assert padded <= budget or len(chunk) == 1  # a sequence over the budget goes alone
+                    assert size is None or len(chunk) <= size
+                # Greedy: no chunk could have taken the next chunk's first sequence.
+                start = 0
+                for chunk in chunks[:-1]:
+                    start += len(chunk)
+                    grown = (len(chunk) + 1) * max(chunk.input_ids.shape[1], lengths[start])
+                    assert grown > budget or (size is not None and len(chunk) == size)
+    # Short queries share one pass under a budget that splits the pages.
+    budget = 2 * max(pages.attention_mask.sum(1).tolist())
+    assert len(queries.chunks(tokens=budget)) == 1 and len(pages.chunks(tokens=budget)) > 1
+    with pytest.raises(ValueError, match="size, a token budget or both"):
+        pages.chunks()
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        pages.chunks(tokens=0)
+
+
+@pytest.mark.parametrize("page_preprocessing", ["device", "processor"])
+def test_host_positions_and_vision_segments_match_what_the_model_derives(tiny_backbone, page_preprocessing,
+                                                                          monkeypatch) -> None:
+    """The collator's M-RoPE positions equal ``get_rope_index``'s; given them and the host segment lengths, the model
+    skips both computations (which read GPU tensors back to the host) and gives bit-identical hidden states."""
+    from dataclasses import replace
+
+    from vdr.models import backbone
+    from vdr.models.backbone import trunk_hidden_states
+    from vdr.models.inputs import vision_cu_seqlens
+
+    trunk = tiny_backbone.model.eval()
+    collator = EmbeddingCollator(tiny_backbone.processor, page_preprocessing=page_preprocessing)
+    images = [_page(size, i) for i, size in enumerate(SIZES)]
+    inputs = collator.encode_pages(images, "d", [None, "a caption", None, "another, longer caption", None, "six"])
+    expected, _ = trunk.get_rope_index(inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
+                                       image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
+    assert torch.equal(inputs.position_ids, expected)
+    for chunk in inputs.chunks(2):  # sliced with their rows and images
+        mine, _ = trunk.get_rope_index(chunk.input_ids, mm_token_type_ids=chunk.mm_token_type_ids,
+                                       image_grid_thw=chunk.image_grid_thw, attention_mask=chunk.attention_mask)
+        assert torch.equal(chunk.position_ids, mine)
+        assert list(chunk.vision_seqlens) == chunk.image_grid_thw.prod(-1).tolist()
+    with torch.no_grad():
+        derived = trunk_hidden_states(trunk, replace(inputs, position_ids=None, vision_seqlens=None))
+        segments = []
+        attention = type(trunk.visual.blocks[0].attn)
+        forward = attention.forward
+        monkeypatch.setattr(attention, "forward", lambda self, hidden, cu_seqlens, *a, **k: (
+            segments.append(cu_seqlens), forward(self, hidden, cu_seqlens, *a, **k))[1])
+        monkeypatch.setattr(type(trunk), "get_rope_index", lambda *a, **k: pytest.fail("positions were recomputed"))
+        made = []
+        monkeypatch.setattr(backbone, "vision_cu_seqlens", lambda seqlens: made.append(vision_cu_seqlens(seqlens))
+                            or made[-1])
+        given = trunk_hidden_states(trunk, inputs)
+    assert torch.equal(given, derived)
+    assert len(segments) == len(trunk.visual.blocks) and len(made) == 1
+    assert all(s is made[0] for s in segments)  # ours, not recomputed by the model
+    assert made[0].tolist() == [0, *inputs.image_grid_thw.prod(-1).cumsum(0).tolist()]

@@ -140,7 +140,7 @@ def test_replays_draw_the_same_dropout_masks_as_the_cached_pass(tiny_backbone, p
     def cached_gradients(restore: bool) -> dict[str, torch.Tensor]:
         model.zero_grad()
         torch.manual_seed(7)
-        cache = CachedEmbeddings(model, inputs, 2, torch.device("cpu"))
+        cache = CachedEmbeddings(model, inputs.chunks(2), torch.device("cpu"))
         loss = loss_of(cache.embeddings)
         torch.testing.assert_close(loss, plain)
         loss.backward()
@@ -196,3 +196,48 @@ def test_gradcache_leaves_page_pixels_in_host_memory_until_their_mini_batch_runs
     moved = module.transfer_batch_to_device(module.collator([rows[i] for i in range(4)]), torch.device("meta"), 0)
     assert moved.documents.pixel_values is None
     assert moved.documents.pages.pixels.device.type == "meta" and moved.documents.pages.pixels.dtype == torch.uint8
+
+
+def test_token_budget_mini_batches_give_the_plain_loss_and_gradients(rows8: Path, plain: Gradients) -> None:
+    # A budget of exactly the 8 queries' padded tokens: they share one pass, and the 16 pages take several.
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS))
+    batch = module.collator(_rows(rows8, 8))
+    budget = 8 * int(batch.queries.attention_mask.sum(1).max())
+    assert len(batch.queries.chunks(tokens=budget)) == 1 and len(batch.documents.chunks(tokens=budget)) > 1
+    assert_same_gradients(one_step(rows8, mini_batch_tokens=budget), plain)
+
+
+def _rows(path: Path, n: int) -> list:
+    from vdr.data.schema import TrainRows
+    from vdr.data.sources import load_table
+
+    rows = TrainRows(load_table(str(path)), "rows", num_negatives=1)
+    return [rows[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 3], ids=["plain", "gradcache"])
+def test_offloaded_activations_give_the_same_gradients(rows8: Path, plain: Gradients,
+                                                       mini_batch_size: int | None) -> None:
+    """Offloading runs on the CPU here (tensors copied into other host memory and back): the gradients equal the
+    plain step's, and with checkpointing what moves is each checkpointed layer's input, a fraction of the rest."""
+    from vdr.models.offload import OffloadActivations
+
+    moved = {}
+    for checkpointing in (False, True):
+        L.seed_everything(0)
+        module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
+                                 loss=InfoNCELoss(learnable_temperature=True), mini_batch_size=mini_batch_size,
+                                 offload_activations=True, gradient_checkpointing_text=checkpointing,
+                                 gradient_checkpointing_vision=checkpointing)
+        assert isinstance(module.offload, OffloadActivations)
+        module.offload = OffloadActivations(min_bytes=0, device_types=("cpu",))
+        probe = Gradients()
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                            limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows8), batch_size=8))
+        assert_same_gradients(probe, plain)
+        moved[checkpointing] = (module.offload.tensors, module.offload.bytes)
+    layers = len(module.trunk.language_model.layers) + len(module.trunk.visual.blocks)
+    assert moved[True][0] >= layers  # every checkpointed layer's input went through the hooks
+    assert moved[True][1] < moved[False][1] / 3

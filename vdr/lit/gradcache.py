@@ -71,10 +71,10 @@ class CachedEmbeddings:
     """Step 1 for one side of a batch: embeddings of every mini-batch, computed without gradients.
 
     Args:
-        encode: Inputs to ``[b, D]`` embeddings (the bi-encoder).
-        inputs: The side's ``B`` sequences. Tensors may still be in host memory (page pixels, which a large batch
-            would otherwise hold on the GPU all step long): each mini-batch is moved to ``device`` when it runs.
-        mini_batch_size: Sequences per forward pass.
+        encode: Inputs to ``[b, D]`` embeddings (the bi-encoder). The replays call it with gradients enabled.
+        chunks: The side's ``B`` sequences in mini-batches (``EncoderInputs.chunks``: by count, tokens or both).
+            Tensors may still be in host memory (page pixels, which a large batch would otherwise hold on the GPU all
+            step long): each mini-batch is moved to ``device`` when it runs.
         device: Where the model runs (whose random generator dropout draws from).
         passes: Forward passes to run (default: one per mini-batch). More repeat the last mini-batch and replay it
             with a zero gradient: ranks of a sharded model must all run as many passes as the one that needs most.
@@ -84,12 +84,11 @@ class CachedEmbeddings:
             ``.grad`` holds the gradient cache before calling :meth:`replays`.
     """
 
-    def __init__(self, encode: Callable[[EncoderInputs], torch.Tensor], inputs: EncoderInputs, mini_batch_size: int,
+    def __init__(self, encode: Callable[[EncoderInputs], torch.Tensor], chunks: list[EncoderInputs],
                  device: torch.device, passes: int | None = None) -> None:
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
-        self.encode, self.device = encode, device
-        self.chunks = inputs.chunks(mini_batch_size)
+        if not chunks:
+            raise ValueError("GradCache needs at least one mini-batch")
+        self.encode, self.device, self.chunks = encode, device, chunks
         self.padding = (passes or len(self.chunks)) - len(self.chunks)
         if self.padding < 0:
             raise ValueError(f"{passes} passes for {len(self.chunks)} mini-batches")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
 
+from vdr.models.inputs import vision_cu_seqlens
 from vdr.models.patch_embed import use_linear_patch_embed
 from vdr.models.processor import add_whole_word_tokens, build_processor, set_pixel_bounds
 
@@ -248,8 +249,20 @@ def trunk_hidden_states(trunk: Qwen3VLModel, inputs) -> torch.Tensor:
     from vdr.distributed.collectives import world
 
     idle = idle_vision_term(trunk) if not inputs.has_images and world()[1] > 1 else None
-    hidden = trunk(**inputs.model_kwargs(), use_cache=False).last_hidden_state
+    hidden = trunk(**inputs.model_kwargs(), **vision_kwargs(trunk, inputs), use_cache=False).last_hidden_state
     return hidden if idle is None else hidden + idle
+
+
+def vision_kwargs(trunk: Qwen3VLModel, inputs) -> dict[str, torch.Tensor]:
+    """Precomputed vision-tower inputs (transformers' ``image_*`` keyword arguments) that spare the GPU a stop.
+
+    Without flash attention, each vision block reads the images' segment lengths to the host to split its attention;
+    the segments passed as a host tensor make that read free. Flash attention wants them on the device, where the
+    model computes them itself.
+    """
+    if not inputs.has_images or inputs.vision_seqlens is None or "flash" in trunk.visual.config._attn_implementation:
+        return {}
+    return {"image_cu_seqlens": vision_cu_seqlens(inputs.vision_seqlens)}
 
 
 def idle_vision_term(trunk: Qwen3VLModel) -> torch.Tensor:
