@@ -241,3 +241,17 @@ def test_offloaded_activations_give_the_same_gradients(rows8: Path, plain: Gradi
     layers = len(module.trunk.language_model.layers) + len(module.trunk.visual.blocks)
     assert moved[True][0] >= layers  # every checkpointed layer's input went through the hooks
     assert moved[True][1] < moved[False][1] / 3
+
+
+def test_offloading_leaves_weights_and_expanded_views_where_they_are() -> None:
+    from vdr.models.offload import OffloadActivations
+
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(8, 256, requires_grad=True)
+    offload = OffloadActivations(min_bytes=0, device_types=("cpu",))
+    with offload:
+        y = layer(x)  # saves x and weight.t() (a view of the parameter)
+        z = (torch.ones(1, 1).expand(4096, 256) * x.sum()).sum()  # saves an expanded view: 1 float stored
+    assert offload.tensors == 1 and offload.bytes == x.numel() * 4  # x alone
+    (y.sum() + z).backward()
+    assert x.grad is not None and layer.weight.grad is not None

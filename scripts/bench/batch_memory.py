@@ -219,8 +219,9 @@ def profile_summary(timer: StepTimer, setting: Setting, args) -> dict:
         return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
     counts = {e.key: e.count for e in events}
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # not the ops launching them
     return {"profiled_step_s": round(timer.profiled_s, 3),
-            "gpu_busy_frac": round(sum(device_us(e) for e in events) / 1e6 / timer.profiled_s, 3),
+            "gpu_busy_frac": round(sum(device_us(e) for e in kernels) / 1e6 / timer.profiled_s, 3),
             "syncs": {k: counts[k] for k in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
                                               "aten::_local_scalar_dense", "cudaMemcpyAsync") if k in counts}}
 

@@ -222,8 +222,8 @@ class VdrModule(L.LightningModule):
     def _finite_gradients(self) -> bool:
         """Whether every gradient on every rank is finite (one fused norm and one all-reduce).
 
-        A NaN or infinite entry makes the gradients' total norm NaN or infinite. The norm is computed in fused
-        reductions: ``isfinite`` per gradient would hold temporaries the size of the largest gradient (the 2B model's
+        A NaN or infinite entry makes its gradient's norm NaN or infinite. The norms are fused float32 reductions:
+        ``isfinite`` per gradient would hold temporaries the size of the largest gradient (the 2B model's
         token-embedding gradient: 1.4 GiB of them, above the weights, gradients and AdamW state at the step). A norm
         above float32's range (entries beyond ~1e19) also counts as an overflow.
         """
@@ -231,7 +231,8 @@ class VdrModule(L.LightningModule):
         if not grads:
             return True
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(local)))
+        norms = torch._foreach_norm(local, 2.0, dtype=torch.float32)  # float32: an fp16 norm overflows at 65504
+        finite = bool(torch.isfinite(torch.stack(norms)).all())
         return agree(finite, local[0].device, everyone=True)
 
     @staticmethod

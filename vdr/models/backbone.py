@@ -260,8 +260,11 @@ def vision_kwargs(trunk: Qwen3VLModel, inputs) -> dict[str, torch.Tensor]:
     the segments passed as a host tensor make that read free. Flash attention wants them on the device, where the
     model computes them itself.
     """
-    if not inputs.has_images or inputs.vision_seqlens is None or "flash" in trunk.visual.config._attn_implementation:
+    from transformers.utils.generic import is_flash_attention_requested
+
+    if not inputs.has_images or inputs.vision_seqlens is None or is_flash_attention_requested(trunk.visual.config):
         return {}
+    # Qwen3VLModel passes its extra keyword arguments on to the language model too, whose attention ignores this one.
     return {"image_cu_seqlens": vision_cu_seqlens(inputs.vision_seqlens)}
 
 

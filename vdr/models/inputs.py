@@ -169,7 +169,8 @@ def mrope_position_ids(attention_mask: torch.Tensor, mm_token_type_ids: torch.Te
                                       indexing="ij")
                 pieces.append(torch.stack(grid).reshape(3, -1) + position)
                 position += max(h, w) // merge_size
-        positions[:, row, real] = torch.cat(pieces, dim=1)
+        if pieces:  # a row of padding only keeps its zeros
+            positions[:, row, real] = torch.cat(pieces, dim=1)
     return positions
 
 

@@ -7,7 +7,8 @@ forward saves them and back to the GPU as the backward unpacks them (when the ch
 copies are queued on the current stream without waiting for it, so the GPU keeps working; the stream's order makes
 reusing the freed GPU memory safe. Gradients are unchanged: the same values come back.
 
-Parameters and small tensors (masks, position ids) stay where they are. Without checkpointing every saved activation
+Parameters and views of them (a linear layer saves its weight transposed), small tensors (masks, position ids),
+expanded views and tensor subclasses stay where they are. Without checkpointing every saved activation
 is offloaded, which is correct but moves much more data.
 """
 
@@ -36,9 +37,14 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | tuple[torch.device, torch.Tensor]:
         size = tensor.numel() * tensor.element_size()
-        if (isinstance(tensor, torch.nn.Parameter) or tensor.device.type not in self.device_types
-                or size < self.min_bytes or tensor.layout != torch.strided):
-            return tensor
+        if (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)) \
+                or tensor.device.type not in self.device_types or size < self.min_bytes \
+                or tensor.layout != torch.strided:
+            return tensor  # a tensor subclass (DTensor), another device, small, or sparse
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return tensor  # a weight, or a view of one (linear saves ``weight.t()``): it stays on the GPU anyway
+        if tensor.untyped_storage().nbytes() < size:
+            return tensor  # an expanded view (stride 0): a copy would materialise every repeat
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
         host.copy_(tensor, non_blocking=True)
         self.tensors += 1
