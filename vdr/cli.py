@@ -11,6 +11,7 @@ and ``vdr.data.datamodule.RerankDataModule``.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
@@ -142,16 +143,21 @@ def resume_in_place(config: Namespace) -> None:
     args.version = folder.name
 
 
+DATA_COMMANDS = {
+    "synth": ("vdr.data.synth", "write the synthetic VDR training and eval sets"),
+    "from-pdf": ("vdr.data.pdf", "render every page of a folder of PDFs, with its text layer, into a dataset"),
+    "queries": ("vdr.data.queries", "write training and eval sets of search queries for rendered pages"),
+}
+
+
 def _data_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vdr data synth --output DIR --seed N [...]\n\nsubcommands:\n  synth  write the synthetic VDR "
-              "training and eval sets")
+        lines = "\n".join(f"  {name:<9} {what}" for name, (_, what) in DATA_COMMANDS.items())
+        print(f"usage: vdr data {{{','.join(DATA_COMMANDS)}}} [...] (--help for each)\n\nsubcommands:\n{lines}")
         return 0 if argv else 2
-    if argv[0] == "synth":
-        from vdr.data.synth import main as synth_main
-
-        return synth_main(argv[1:])
-    print(f"vdr data: unknown subcommand {argv[0]!r} (expected: synth)", file=sys.stderr)
+    if argv[0] in DATA_COMMANDS:
+        return importlib.import_module(DATA_COMMANDS[argv[0]][0]).main(argv[1:])
+    print(f"vdr data: unknown subcommand {argv[0]!r} (expected: {', '.join(DATA_COMMANDS)})", file=sys.stderr)
     return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,20 @@ if TYPE_CHECKING:
     import datasets
 
 CHUNK_ROWS = 512
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Mutes the ``datasets`` progress bars (``save_to_disk`` draws one per call) inside the block only."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path) -> None:
@@ -37,7 +52,9 @@ def write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path)
 
         def flush(buffer: list[dict]) -> None:
             chunk_dir = scratch / str(len(chunks))
-            datasets.Dataset.from_list(buffer, features=features).save_to_disk(str(chunk_dir))
+            table = (datasets.Dataset.from_list(buffer, features=features) if buffer
+                     else datasets.Dataset.from_dict({name: [] for name in features}, features=features))
+            table.save_to_disk(str(chunk_dir))
             chunks.append(datasets.load_from_disk(str(chunk_dir)))  # memory-mapped
 
         buffer: list[dict] = []

@@ -1,0 +1,254 @@
+"""From a folder of PDFs to training and evaluation sets: `vdr data from-pdf` and `vdr data queries`.
+
+The real PDFs are four manuals of Asymptote from Debian's asymptote-doc package (GPL-3+, tests/data/pdfs/NOTICE); the
+bad ones are written here: encrypted, truncated, with no pages, a text file, a scanned page (no text layer) and an A0
+poster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+from PIL import Image, ImageDraw
+
+from vdr.data import pdf as from_pdf_module
+from vdr.data.pdf import RenderSettings, from_pdf
+from vdr.data.queries import QueryCounts, QueryOptions, make_queries, select_queries, split_documents
+from vdr.data.schema import EvalSet, TrainRows
+
+PDFS = Path(__file__).parent / "data" / "pdfs"
+SMALL = RenderSettings(dpi=36, max_pixels=150_000)  # fast: ~300x400 px pages
+
+
+def minimal_pdf(*, encrypted: bool = False, pages: int = 1, size: tuple[int, int] = (200, 200)) -> bytes:
+    """A hand-written PDF: ``pages`` empty pages of ``size`` points, or an encrypted one whose password is not empty."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode()]
+    objects += [f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {size[0]} {size[1]}] >>".encode()] * pages
+    if encrypted:  # the standard security handler, with an owner/user key that the empty password does not match
+        objects.append(b"<< /Filter /Standard /V 1 /R 2 /O <" + b"11" * 32 + b"> /U <" + b"22" * 32 + b"> /P -4 >>")
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    trailer = b"<< /Size %d /Root 1 0 R" % (len(objects) + 1)
+    if encrypted:
+        trailer += b" /Encrypt %d 0 R /ID [<%s> <%s>]" % (len(objects), b"33" * 16, b"33" * 16)
+    return bytes(out + b"trailer\n" + trailer + b" >>\nstartxref\n%d\n%%%%EOF\n" % xref)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "pdfs"
+    (folder / "manuals").mkdir(parents=True)
+    shutil.copy(PDFS / "asyRefCard.pdf", folder / "manuals" / "asyRefCard.pdf")  # 3 pages with text
+    (folder / "locked.pdf").write_bytes(minimal_pdf(encrypted=True))
+    (folder / "truncated.pdf").write_bytes((PDFS / "CAD.pdf").read_bytes()[:3000])
+    (folder / "empty.pdf").write_bytes(minimal_pdf(pages=0))
+    (folder / "notes.txt").write_text("not a pdf")
+    scan = Image.new("RGB", (300, 400), "white")
+    ImageDraw.Draw(scan).rectangle([40, 40, 260, 120], fill="black")
+    scan.save(folder / "scan.pdf")  # an image-only PDF: no text layer
+    (folder / "poster.pdf").write_bytes(minimal_pdf(size=(2384, 3370)))  # A0 in points
+    return folder
+
+
+def test_from_pdf_renders_good_files_and_names_each_bad_one(mixed_folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert from_pdf_module.main(["--input", str(mixed_folder), "--output", str(out), "--dpi", "36",
+                                 "--max-pixels", "150000", "--workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    skipped = {Path(path).name: reason for path, reason in summary["skipped"].items()}
+    assert skipped == {"locked.pdf": "encrypted: it needs a password",
+                       "truncated.pdf": skipped["truncated.pdf"],
+                       "empty.pdf": "the PDF has no pages (or a page tree PDFium cannot read)",
+                       "notes.txt": "not a PDF (no %PDF- header in its first 1024 bytes)"}
+    assert skipped["truncated.pdf"].startswith("corrupt or unreadable PDF") and "Data format error" in skipped[
+        "truncated.pdf"]
+    for name in skipped:
+        assert f"skipped {mixed_folder}" in printed and name in printed  # named as soon as known
+    assert summary["files_skipped"] == 4 and summary["documents"] == 3 and summary["pages"] == 5
+    # The scan and the blank poster have no text layer: kept, counted and named.
+    assert summary["without_text"] == {"poster": [1], "scan": [1]} and summary["pages_without_text"] == 2
+    pages = datasets.load_from_disk(str(out / "pages"))
+    assert pages.column_names == ["image", "doc_id", "page", "text", "width", "height", "source"]
+    assert pages["doc_id"] == ["manuals/asyRefCard"] * 3 + ["poster", "scan"]
+    assert pages["page"] == [1, 2, 3, 1, 1]
+    assert "Asymptote Reference Card" in pages[0]["text"] and pages[3]["text"] == ""
+    for row in pages:
+        assert row["image"].size == (row["width"], row["height"])
+        assert row["width"] * row["height"] <= SMALL.max_pixels
+    # An A4 page at 36 dpi is 298 x 421 px (within the cap); the A0 poster is scaled down to fit it, not cropped.
+    assert pages[0]["image"].size == (298, 421)
+    poster = pages[3]["image"]
+    assert abs(poster.width / poster.height - 2384 / 3370) < 0.01 and poster.width * poster.height > 0.95 * 150_000
+
+
+def test_from_pdf_resumes_and_redoes_changed_files(mixed_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    first = from_pdf([str(mixed_folder)], out, SMALL, progress=False)
+    assert first["documents_reused"] == 0
+    before = datasets.load_from_disk(str(out / "pages"))["text"]
+    calls = []
+    import pypdfium2
+
+    real = pypdfium2.PdfDocument
+    monkeypatch.setattr(pypdfium2, "PdfDocument", lambda path, *a, **k: calls.append(Path(path).name) or real(path))
+    again = from_pdf([str(mixed_folder)], out, SMALL, progress=False)
+    assert again["documents_reused"] == 3 and again["pages"] == 5
+    assert sorted(calls) == ["empty.pdf", "locked.pdf", "truncated.pdf"]  # skipped files are looked at again
+    assert datasets.load_from_disk(str(out / "pages"))["text"] == before
+    # A changed file (and only it) is rendered again; so is everything after a change of settings.
+    scan = mixed_folder / "scan.pdf"
+    os.utime(scan, ns=(scan.stat().st_atime_ns, scan.stat().st_mtime_ns + 10**9))
+    calls.clear()
+    assert from_pdf([str(mixed_folder)], out, SMALL, progress=False)["documents_reused"] == 2
+    assert "scan.pdf" in calls and "asyRefCard.pdf" not in calls
+    assert from_pdf([str(mixed_folder)], out, RenderSettings(30, 150_000), progress=False)["documents_reused"] == 0
+
+
+def test_from_pdf_in_worker_processes_matches_one_process(tmp_path: Path) -> None:
+    one = from_pdf([str(PDFS / "TeXShopAndAsymptote.pdf"), str(PDFS / "asyRefCard.pdf")], tmp_path / "one", SMALL,
+                   workers=0, progress=False)
+    two = from_pdf([str(PDFS / "TeXShopAndAsymptote.pdf"), str(PDFS / "asyRefCard.pdf")], tmp_path / "two", SMALL,
+                   workers=2, progress=False)
+    assert one["pages"] == two["pages"] == 5
+    a, b = (datasets.load_from_disk(str(tmp_path / name / "pages")) for name in ("one", "two"))
+    assert a["doc_id"] == b["doc_id"] and a["text"] == b["text"]
+    assert [r["image"].tobytes() for r in a] == [r["image"].tobytes() for r in b]
+
+
+def test_from_pdf_refuses_bad_arguments_before_rendering(tmp_path: Path, capsys) -> None:
+    assert from_pdf_module.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
+    assert "--input" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "precious.txt").write_text("keep me")
+    assert from_pdf_module.main(["--input", str(PDFS), "--output", str(tmp_path / "taken")]) == 1
+    assert "not written by `vdr data from-pdf`" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="--dpi"):
+        from_pdf([str(PDFS)], tmp_path / "o", RenderSettings(dpi=0))
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rendered")
+    from_pdf([str(PDFS)], out, SMALL, progress=False)
+    return out
+
+
+def test_text_layer_queries_split_by_document_into_both_schemas(rendered: Path, tmp_path: Path) -> None:
+    out = tmp_path / "queries"
+    summary = make_queries(str(rendered), str(out), QueryOptions(per_page=2, eval_fraction=0.25), progress=False)
+    assert summary["pages"] == 23 and summary["kept"] == 46 and summary["pages_without_queries"] == 0
+    train = datasets.load_from_disk(str(out / "train"))
+    rows = TrainRows(train, "train")  # the training schema, validated as `vdr fit` and `vdr mine` do
+    assert len(rows) == summary["train_rows"] == len(train)
+    eval_set = EvalSet.from_tables("eval", *(datasets.load_from_disk(str(out / "eval" / t))
+                                             for t in ("queries", "corpus", "qrels")))
+    eval_documents = set(summary["eval_documents"])
+    assert len(eval_documents) == 1  # a quarter of 4 documents
+    assert not eval_documents & set(train["doc_id"])  # no document on both sides
+    assert {c.split("#page=")[0] for c in eval_set.corpus_ids} == eval_documents
+    assert all(len(relevant) == 1 for relevant in eval_set.qrels)  # each query judged against its own page
+    for query_id, relevant in zip(eval_set.query_ids, eval_set.qrels):
+        assert eval_set.corpus_ids[next(iter(relevant))] == query_id.rsplit("#q=", 1)[0]
+    assert all(q.endswith("?") for q in list(train["query"]) + eval_set.query_texts)
+    per_page = {}
+    for doc, page in zip(train["doc_id"], train["page"]):
+        per_page[doc, page] = per_page.get((doc, page), 0) + 1
+    assert set(per_page.values()) == {2}
+
+
+def test_queries_refuse_a_bad_data_folder_and_keep_an_existing_output(rendered: Path, tmp_path: Path, capsys) -> None:
+    from vdr.data.queries import main
+
+    assert main(["--data", str(tmp_path / "nothing"), "--output", str(tmp_path / "q")]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    datasets.Dataset.from_dict({"image": ["a.png"], "query": ["q"]}).save_to_disk(str(tmp_path / "wrong"))
+    assert main(["--data", str(tmp_path / "wrong"), "--output", str(tmp_path / "q")]) == 1
+    assert "missing columns ['doc_id', 'page', 'text']" in capsys.readouterr().err
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "mine.txt").write_text("keep")
+    assert main(["--data", str(rendered), "--output", str(tmp_path / "q"), "--no-progress"]) == 1
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "q" / "mine.txt").read_text() == "keep"
+    assert main(["--data", str(rendered), "--output", str(tmp_path / "r"), "--prompt", "write {n} questions"]) == 1
+    assert "--prompt" in capsys.readouterr().err
+
+
+def test_generated_answers_are_cleaned_and_what_is_dropped_is_counted() -> None:
+    counts = QueryCounts()
+    answer = ("1. What is the default pen width?\n"
+              "2) \"How are arrays declared in Asymptote?\"\n"
+              "- what is the default pen width?\n"  # a duplicate, up to case
+              "Arrays are declared with brackets.\n"  # not a question
+              "\n"
+              "Why?\n"  # too short
+              "* Which command draws a circle?\n"
+              "What else?")
+    kept = select_queries(answer.splitlines(), 3, 3, 30, counts)
+    assert kept == ["What is the default pen width?", "How are arrays declared in Asymptote?",
+                    "Which command draws a circle?"]
+    assert counts.dropped == {"duplicate": 1, "not a question": 1, "empty": 1, "fewer than 3 words": 1}
+    assert counts.generated == 7 and counts.kept == 3  # the line after the third kept one is not looked at
+
+
+def test_documents_split_is_seeded_and_leaves_both_sides_non_empty() -> None:
+    docs = [f"d{i}" for i in range(10)]
+    assert split_documents(docs, 0.2, 0) == split_documents(docs, 0.2, 0) and len(split_documents(docs, 0.2, 0)) == 2
+    assert split_documents(docs, 0.2, 0) != split_documents(docs, 0.2, 1)
+    assert len(split_documents(["a", "b"], 0.99, 0)) == 1 and split_documents(["a"], 0.5, 0) == set()
+    assert split_documents(docs, 0.0, 0) == set()
+
+
+def test_generator_answers_become_both_sets(rendered: Path, tmp_path: Path) -> None:
+    """The generator path of `make_queries` with a stand-in generator: batches of pages in, one answer per page."""
+    calls = []
+
+    def generator(images, k):
+        calls.append(len(images))
+        return [f"1. What does figure {len(calls)}.{i} show?\n2) Plot of data\n3. What does figure {len(calls)}.{i} "
+                f"show?\n- Which options does part {i} of batch {len(calls)} list?" for i in range(len(images))]
+
+    summary = make_queries(str(rendered), str(tmp_path / "q"), QueryOptions(per_page=2, batch_size=5),
+                           generator=generator, progress=False)
+    assert calls == [5, 5, 5, 5, 3] and summary["source"] == "generator"
+    assert summary["kept"] == 46 and summary["dropped"] == {"not a question": 23, "duplicate": 23}
+    train = datasets.load_from_disk(str(tmp_path / "q" / "train"))
+    assert train[0]["query"] == "What does figure 1.0 show?" and train[1]["query"].startswith("Which options")
+
+
+def test_nothing_is_written_when_no_query_is_kept(rendered: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"no query was kept for the training documents.*\"not a question\": 23"):
+        make_queries(str(rendered), str(tmp_path / "q"), generator=lambda images, k: ["Plot of data"] * len(images),
+                     progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_tiny_qwen3_vl_generates_batched_and_its_output_is_filtered(rendered: Path, tmp_path: Path) -> None:
+    """The real generation path with a random tiny Qwen3-VL, saved and loaded like a hub model: its answers are token
+    soup, so every candidate is dropped and counted, and nothing is written."""
+    from vdr.data.queries import QueryGenerator
+    from vdr.models.backbone import load_backbone
+
+    backbone = load_backbone("tiny", min_pixels=32 * 32, max_pixels=64 * 64, lm_head=True)
+    backbone.model.save_pretrained(tmp_path / "generator")
+    backbone.processor.save_pretrained(tmp_path / "generator")
+    generator = QueryGenerator(str(tmp_path / "generator"), max_new_tokens=12, device="cpu", max_pixels=64 * 64)
+    answers = generator([Image.new("RGB", (64, 80), "white"), Image.new("RGB", (90, 60), "gray")], k=2)
+    assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+    with pytest.raises(ValueError, match="no query was kept") as error:
+        make_queries(str(rendered), str(tmp_path / "q"), QueryOptions(per_page=2, batch_size=8), generator=generator,
+                     progress=False)
+    counts = json.loads(str(error.value).split("Queries: ", 1)[1])
+    assert counts["pages"] == 23 and counts["kept"] == 0
+    assert counts["candidates"] == sum(counts["dropped"].values()) >= 23
