@@ -157,6 +157,7 @@ def test_text_layer_queries_split_by_document_into_both_schemas(rendered: Path, 
                                              for t in ("queries", "corpus", "qrels")))
     eval_documents = set(summary["eval_documents"])
     assert len(eval_documents) == 1  # a quarter of 4 documents
+    assert summary["eval_corpus"] < 10 and "NDCG@10 needs at least 10" in summary["warnings"][0]
     assert not eval_documents & set(train["doc_id"])  # no document on both sides
     assert {c.split("#page=")[0] for c in eval_set.corpus_ids} == eval_documents
     assert all(len(relevant) == 1 for relevant in eval_set.qrels)  # each query judged against its own page
@@ -252,3 +253,55 @@ def test_a_tiny_qwen3_vl_generates_batched_and_its_output_is_filtered(rendered: 
     counts = json.loads(str(error.value).split("Queries: ", 1)[1])
     assert counts["pages"] == 23 and counts["kept"] == 0
     assert counts["candidates"] == sum(counts["dropped"].values()) >= 23
+
+
+def readme_pdf_flow() -> list[list[str]]:
+    """The commands of the README's PDF section, one argv each (backslash continuations joined)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"### From a folder of PDFs to a finetuned retriever\n\n```bash\n(.*?)```", readme, re.S)
+    assert block, "README.md lost the PDF flow's code block"
+    return [shlex.split(line) for line in block.group(1).replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_readme_pdf_flow_runs_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    """PDFs -> pages -> queries -> mined negatives -> fit -> export -> evaluate: the README's six commands as written,
+    with the 2B model swapped for a tiny random Qwen3-VL and the sizes and steps turned down for a CPU."""
+    from vdr.cli import main
+    from vdr.models.backbone import load_backbone
+
+    repo = Path(__file__).parent.parent
+    backbone = load_backbone("tiny", min_pixels=4096, max_pixels=4096)
+    backbone.model.save_pretrained(tmp_path / "tiny-base")
+    backbone.processor.save_pretrained(tmp_path / "tiny-base")
+    turned_down = {
+        "from-pdf": ["--dpi", "36", "--max-pixels", "150000", "--workers", "2", "--no-progress"],
+        "queries": ["--eval-fraction", "0.5", "--seed", "1", "--no-progress"],  # 13 of the 23 pages: NDCG@10 needs 10
+        "mine": ["--relative_margin", "null"],  # a random model scores every page alike: its margins drop them all
+        "fit": ["--model.backbone.name_or_path", "tiny", "--model.backbone.min_pixels", "4096",
+                "--model.backbone.max_pixels", "4096", "--model.backbone.dtype", "float32",
+                "--model.loss.init_args.dims", "[32, 16]", "--model.optimizer.init_args.fused", "false",
+                "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "4",
+                "--data.batch_size", "8", "--data.eval_batch_size", "16", "--data.num_workers", "0",
+                "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
+    }
+    monkeypatch.chdir(tmp_path)
+    commands = readme_pdf_flow()
+    assert [c[:2] for c in commands] == [["vdr", "data"], ["vdr", "data"], ["vdr", "mine"], ["vdr", "fit"],
+                                         ["vdr", "export"], ["vdr", "evaluate"]]
+    for command in commands:
+        argv = [str(PDFS) if a == "path/to/pdfs" else str(tmp_path / "tiny-base") if a.startswith("Qwen/")
+                else str(repo / a) if a.startswith("configs/") else a for a in command[1:]]
+        argv += turned_down.get(argv[1] if argv[0] == "data" else argv[0], [])
+        assert main(argv) == 0, argv
+    summary = json.loads((tmp_path / "checkpoints/data/my-pdfs/summary.json").read_text())
+    assert summary["documents"] == 4 and summary["pages"] == 23
+    queries = json.loads((tmp_path / "checkpoints/data/my-queries/queries.json").read_text())
+    mined = datasets.load_from_disk(str(tmp_path / "checkpoints/data/my-mined"))
+    assert len(mined) == queries["train_rows"] and "negative_0" in mined.column_names
+    report = json.loads((tmp_path / "checkpoints/pdfs-st.json").read_text())
+    assert report["num_queries"] == queries["eval_queries"] == 26 and report["num_documents"] == 13
+    assert 0.0 <= report["ndcg@10"] <= 1.0

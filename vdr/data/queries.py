@@ -349,7 +349,10 @@ def make_queries(data: str, output: str, options: QueryOptions | None = None,
         shutil.rmtree(staging, ignore_errors=True)
         raise ValueError(f"{error}. Queries: {json.dumps(counts.as_dict())}") from error
     summary = {"source": "generator" if generator is not None else "text layer", **counts.as_dict(), **written,
-               "options": options.__dict__, "seconds": round(time.perf_counter() - start, 1)}
+               "options": options.__dict__, "seconds": round(time.perf_counter() - start, 1), "warnings": []}
+    if 0 < written["eval_corpus"] < 10:
+        summary["warnings"].append(f"the evaluation corpus has {written['eval_corpus']} pages: NDCG@10 needs at least "
+                                   "10 (`vdr evaluate` refuses fewer); raise --eval-fraction or add documents")
     (staging / "queries.json").write_text(json.dumps(summary, indent=2))
     move_into_place(staging, output_dir)
     return summary
@@ -393,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     dropped = ", ".join(f"{n} {reason}" for reason, n in summary["dropped"].items()) or "none"
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{summary['kept']} queries from {summary['source']} for {summary['pages']} pages "
           f"({summary['pages_without_queries']} pages without any; {summary['pages_without_text']} without text); "
           f"dropped: {dropped}. train: {summary['train_rows']} rows from {summary['train_documents']} documents; "
