@@ -43,33 +43,29 @@ def write_dataset(rows: Iterator[dict], features: datasets.Features, path: Path)
 
     scratch = path.with_name(f"{path.name}.chunks")
     shutil.rmtree(scratch, ignore_errors=True)
-    # save_to_disk draws its own per-shard bars; they would interleave with ours, so mute them just for this call and
-    # restore whatever the caller had configured globally.
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
+    # save_to_disk draws its own per-shard bars; they would interleave with ours.
     try:
-        chunks: list[datasets.Dataset] = []
+        with quiet_datasets():
+            chunks: list[datasets.Dataset] = []
 
-        def flush(buffer: list[dict]) -> None:
-            chunk_dir = scratch / str(len(chunks))
-            table = (datasets.Dataset.from_list(buffer, features=features) if buffer
-                     else datasets.Dataset.from_dict({name: [] for name in features}, features=features))
-            table.save_to_disk(str(chunk_dir))
-            chunks.append(datasets.load_from_disk(str(chunk_dir)))  # memory-mapped
+            def flush(buffer: list[dict]) -> None:
+                chunk_dir = scratch / str(len(chunks))
+                table = (datasets.Dataset.from_list(buffer, features=features) if buffer
+                         else datasets.Dataset.from_dict({name: [] for name in features}, features=features))
+                table.save_to_disk(str(chunk_dir))
+                chunks.append(datasets.load_from_disk(str(chunk_dir)))  # memory-mapped
 
-        buffer: list[dict] = []
-        for row in rows:
-            buffer.append(row)
-            if len(buffer) == CHUNK_ROWS:
+            buffer: list[dict] = []
+            for row in rows:
+                buffer.append(row)
+                if len(buffer) == CHUNK_ROWS:
+                    flush(buffer)
+                    buffer = []
+            if buffer or not chunks:
                 flush(buffer)
-                buffer = []
-        if buffer or not chunks:
-            flush(buffer)
-        dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
-        dataset.save_to_disk(str(path))
+            dataset = chunks[0] if len(chunks) == 1 else datasets.concatenate_datasets(chunks)
+            dataset.save_to_disk(str(path))
     finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
