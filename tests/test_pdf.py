@@ -194,13 +194,33 @@ def test_generated_answers_are_cleaned_and_what_is_dropped_is_counted() -> None:
               "Arrays are declared with brackets.\n"  # not a question
               "\n"
               "Why?\n"  # too short
+              "What does the unitsize command\n"  # cut off by the token limit
+              "Which page explains the reference card?\n"  # another page's already
               "* Which command draws a circle?\n"
               "What else?")
-    kept = select_queries(answer.splitlines(), 3, 3, 30, counts)
+    taken = {"which page explains the reference card?"}
+    kept = select_queries(answer.splitlines(), 3, 3, 30, counts, taken)
     assert kept == ["What is the default pen width?", "How are arrays declared in Asymptote?",
                     "Which command draws a circle?"]
-    assert counts.dropped == {"duplicate": 1, "not a question": 1, "empty": 1, "fewer than 3 words": 1}
-    assert counts.generated == 7 and counts.kept == 3  # the line after the third kept one is not looked at
+    assert counts.dropped == {"duplicate": 1, "not a question": 2, "empty": 1, "fewer than 3 words": 1,
+                              "another page's query": 1}
+    assert counts.generated == 9 and counts.kept == 3  # the line after the third kept one is not looked at
+    assert "which command draws a circle?" in taken
+
+
+def test_text_layer_questions_skip_running_headers_and_page_numbers() -> None:
+    from vdr.data.queries import headings, text_layer_candidates
+
+    assert headings("Contents\nGetting started ........ 1\nPackage options 4\nThe end.") == ["Getting started",
+                                                                                           "Package options"]
+    texts = [f"Widget Manual Version Two\nSection {i} Wiring the {name} board\n{name} voltage and current limits"
+             for i, name in enumerate(["alpha", "beta", "gamma"])]
+    candidates = text_layer_candidates(texts, 2, ["manual"] * 3)
+    for page, questions in zip(["alpha", "beta", "gamma"], candidates):
+        assert not any("Widget Manual" in q for q in questions)  # on every page of its document: a header
+        assert page in questions[0].lower()
+    # Across documents, the same heading is a heading of each.
+    assert "Widget Manual Version Two" in text_layer_candidates(texts[:2], 2, ["a", "b"])[0][0]
 
 
 def test_documents_split_is_seeded_and_leaves_both_sides_non_empty() -> None:
@@ -245,8 +265,12 @@ def test_a_tiny_qwen3_vl_generates_batched_and_its_output_is_filtered(rendered: 
     backbone.model.save_pretrained(tmp_path / "generator")
     backbone.processor.save_pretrained(tmp_path / "generator")
     generator = QueryGenerator(str(tmp_path / "generator"), max_new_tokens=12, device="cpu", max_pixels=64 * 64)
-    answers = generator([Image.new("RGB", (64, 80), "white"), Image.new("RGB", (90, 60), "gray")], k=2)
+    images = [Image.new("RGB", (64, 80), "white"), Image.new("RGB", (90, 60), "gray")]
+    answers = generator(images, k=2)
     assert len(answers) == 2 and all(isinstance(a, str) and a for a in answers)
+    # Batched with left padding, each answer is the one its page gets alone (right padding, or decoding the prompt
+    # too, would change it).
+    assert answers == [generator([image], k=2)[0] for image in images]
     with pytest.raises(ValueError, match="no query was kept") as error:
         make_queries(str(rendered), str(tmp_path / "q"), QueryOptions(per_page=2, batch_size=8), generator=generator,
                      progress=False)
@@ -305,3 +329,24 @@ def test_the_readme_pdf_flow_runs_end_to_end(tmp_path: Path, monkeypatch) -> Non
     report = json.loads((tmp_path / "checkpoints/pdfs-st.json").read_text())
     assert report["num_queries"] == queries["eval_queries"] == 26 and report["num_documents"] == 13
     assert 0.0 <= report["ndcg@10"] <= 1.0
+
+
+class KillsItsWorker:
+    """Unpickled in a worker process, it ends that process at once (as a PDFium crash or an OOM kill would)."""
+
+    def __reduce__(self):
+        return os._exit, (3,)
+
+
+def test_a_dying_worker_is_named_and_the_other_documents_still_render(tmp_path: Path) -> None:
+    from tqdm import tqdm
+
+    from vdr.data.pdf import _render_in_processes, shard_name
+
+    good = [(str(PDFS / name), name[:-4], str(tmp_path / shard_name(name[:-4])), SMALL)
+            for name in ("TeXShopAndAsymptote.pdf", "asyRefCard.pdf")]
+    deadly = (str(PDFS / "CAD.pdf"), "CAD", str(tmp_path / "CAD"), KillsItsWorker())
+    results = {r.doc_id: r for r in _render_in_processes([good[0], deadly, good[1]], 2, tqdm(disable=True))}
+    assert results["CAD"].skipped == "its renderer process died (crash or out of memory)"
+    assert results["TeXShopAndAsymptote"].pages == 2 and results["asyRefCard"].pages == 3
+    assert not (tmp_path / "CAD").exists()

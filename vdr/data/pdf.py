@@ -30,10 +30,13 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vdr.data.writing import quiet_datasets
+from vdr.data.writing import quiet_datasets, write_dataset
 
 MARKER = "from-pdf.json"  # settings of the run, at the output's root: marks a directory as ours
 PDF_MAGIC = b"%PDF-"
@@ -69,19 +72,26 @@ class DocumentResult:
     reused: bool = False  # rendered by an earlier run
 
 
-def find_documents(inputs: list[str]) -> list[tuple[Path, str]]:
+def find_documents(inputs: list[str], exclude: Path | None = None) -> list[tuple[Path, str]]:
     """``(file, doc_id)`` for every file under ``inputs`` (files or folders, searched recursively), sorted.
 
     A document's id is its path relative to the folder it was found in (without ``.pdf``), or its file name's stem.
     Every file is returned, PDF or not: files that are not PDFs are reported as skipped rather than silently ignored.
+    A file reached twice (overlapping inputs) keeps its first id; files under ``exclude`` (the output) are left out.
     """
     found: dict[str, Path] = {}
+    seen: set[Path] = set()
+    excluded = exclude.resolve() if exclude is not None else None
     for entry in inputs:
         root = Path(entry)
         if not root.exists():
             raise FileNotFoundError(f"--input {entry}: no such file or folder")
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
+            real = path.resolve()
+            if real in seen or (excluded is not None and real.is_relative_to(excluded)):
+                continue
+            seen.add(real)
             relative = path.name if root.is_file() else path.relative_to(root).as_posix()
             doc_id = relative[:-4] if relative.lower().endswith(".pdf") else relative
             if doc_id in found and found[doc_id].resolve() != path.resolve():
@@ -118,7 +128,6 @@ def _features():
 
 def render_document(path: Path, doc_id: str, shard: Path, settings: RenderSettings) -> DocumentResult:
     """Renders one file into ``shard`` (a saved dataset, written whole or not at all); reuses an up-to-date shard."""
-    import datasets
     import pypdfium2 as pdfium
 
     result = DocumentResult(str(path), doc_id)
@@ -150,35 +159,37 @@ def render_document(path: Path, doc_id: str, shard: Path, settings: RenderSettin
         if len(document) == 0:
             result.skipped = "the PDF has no pages"
             return result
-        rows = []
-        for index in range(len(document)):
-            number = index + 1
-            try:
-                page = document[index]
-                width_pt, height_pt = page.get_size()
-                if width_pt <= 0 or height_pt <= 0:
-                    raise ValueError(f"page size {width_pt} x {height_pt} pt")
-                image = page.render(scale=settings.scale(width_pt, height_pt)).to_pil().convert("RGB")
-                text = page.get_textpage().get_text_range().replace("\r\n", "\n").strip()
-            except Exception as error:  # one bad page does not cost the document
-                result.pages_failed[number] = f"{type(error).__name__}: {error}"
-                continue
-            if not text:
-                result.pages_without_text.append(number)
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            rows.append({"image": {"bytes": buffer.getvalue(), "path": None}, "doc_id": doc_id, "page": number,
-                         "text": text, "width": image.width, "height": image.height, "source": str(path)})
+
+        def rows() -> Iterator[dict]:  # one page at a time: write_dataset holds at most a chunk of them
+            for index in range(len(document)):
+                number = index + 1
+                try:
+                    page = document[index]
+                    width_pt, height_pt = page.get_size()
+                    if width_pt <= 0 or height_pt <= 0:
+                        raise ValueError(f"page size {width_pt} x {height_pt} pt")
+                    image = page.render(scale=settings.scale(width_pt, height_pt)).to_pil().convert("RGB")
+                    text = page.get_textpage().get_text_range().replace("\r\n", "\n").strip()
+                except Exception as error:  # one bad page does not cost the document
+                    result.pages_failed[number] = f"{type(error).__name__}: {error}"
+                    continue
+                if not text:
+                    result.pages_without_text.append(number)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                result.pages += 1
+                yield {"image": {"bytes": buffer.getvalue(), "path": None}, "doc_id": doc_id, "page": number,
+                       "text": text, "width": image.width, "height": image.height, "source": str(path)}
+
+        staging = shard.with_name(f"{shard.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        write_dataset(rows(), _features(), staging)
     finally:
         document.close()
-    if not rows:
+    if not result.pages:
+        shutil.rmtree(staging, ignore_errors=True)
         result.skipped = f"no page could be rendered ({len(result.pages_failed)} failed)"
         return result
-    result.pages = len(rows)
-    staging = shard.with_name(f"{shard.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    with quiet_datasets():
-        datasets.Dataset.from_list(rows, features=_features()).save_to_disk(str(staging))
     (staging / "document.json").write_text(json.dumps({"fingerprint": fingerprint, "result": asdict(result)}))
     shutil.rmtree(shard, ignore_errors=True)  # an outdated render of this document
     os.replace(staging, shard)
@@ -209,27 +220,28 @@ def from_pdf(inputs: list[str], output: str | os.PathLike, settings: RenderSetti
     if output.is_dir() and any(output.iterdir()) and not (output / MARKER).is_file():
         raise FileExistsError(f"--output {output} is not empty and was not written by `vdr data from-pdf` "
                               f"(no {MARKER}); choose a new folder")
-    documents = find_documents(inputs)
+    documents = find_documents(inputs, exclude=output)
     if not documents:
         raise ValueError(f"no files under {', '.join(inputs)}")
     (output / "documents").mkdir(parents=True, exist_ok=True)
+    for leftover in (output / "documents").glob("*.tmp-*"):  # shards of a run that was killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
     (output / MARKER).write_text(json.dumps({"inputs": inputs, **asdict(settings)}, indent=2))
     jobs = [(str(path), doc_id, str(output / "documents" / shard_name(doc_id)), settings) for path, doc_id in documents]
     start = time.perf_counter()
     results: list[DocumentResult] = []
     bar = tqdm(total=len(jobs), unit="doc", desc="rendering", disable=not progress)
     if workers > 0:
-        context = multiprocessing.get_context("spawn")  # PDFium is initialised at import: no fork of it
-        with context.Pool(workers) as pool:
-            for result in pool.imap_unordered(_render_job, jobs):
-                results.append(_report(result, bar))
+        results += _render_in_processes(jobs, workers, bar)
     else:
         for job in jobs:
             results.append(_report(_render_job(job), bar))
     bar.close()
     results.sort(key=lambda r: r.doc_id)
     rendered = [r for r in results if r.skipped is None]
-    if rendered:
+    if not rendered:
+        shutil.rmtree(output / "pages", ignore_errors=True)  # no document left: no stale table for `vdr data queries`
+    else:
         shards = [datasets.load_from_disk(str(output / "documents" / shard_name(r.doc_id))) for r in rendered]
         staging = temporary_sibling(output / "pages")
         with quiet_datasets():
@@ -250,6 +262,29 @@ def from_pdf(inputs: list[str], output: str | os.PathLike, settings: RenderSetti
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _render_in_processes(jobs: list, workers: int, bar) -> list[DocumentResult]:
+    """Renders ``jobs`` in ``workers`` processes. A process that dies (PDFium crashing on a hostile file, the kernel
+    killing it for memory) breaks the pool: the documents it left unfinished are tried again one process each, and
+    one that kills its process again is skipped and named."""
+    context = multiprocessing.get_context("spawn")  # PDFium is initialised at import: no fork of it
+    results, unfinished = [], []
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_render_job, job): job for job in jobs}
+        for future in as_completed(futures):
+            try:
+                results.append(_report(future.result(), bar))
+            except BrokenProcessPool:
+                unfinished.append(futures[future])
+    for job in sorted(unfinished, key=lambda j: j[1]):
+        with ProcessPoolExecutor(1, mp_context=context) as alone:
+            try:
+                result = alone.submit(_render_job, job).result()
+            except BrokenProcessPool:
+                result = DocumentResult(job[0], job[1], skipped="its renderer process died (crash or out of memory)")
+        results.append(_report(result, bar))
+    return results
 
 
 def _report(result: DocumentResult, bar) -> DocumentResult:

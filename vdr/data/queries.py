@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,10 +35,6 @@ DEFAULT_PROMPT = (
     "searching a document collection could ask and that this page answers. Each question should be specific to "
     "the page's content (names, numbers, terms it shows), make sense without seeing the page, and end with a "
     "question mark. Write one question per line, nothing else."
-)
-QUESTION_WORDS = frozenset(
-    "what which who whom whose when where why how is are was were do does did can could should would will "
-    "may might must has have had shall".split()
 )
 STOPWORDS = frozenset(
     "a an the and or but if then else of to in on at by for with from as is are was were be been being this that "
@@ -48,7 +45,8 @@ STOPWORDS = frozenset(
     "using one two see page figure table section chapter fig".split()
 )
 HEADING = re.compile(r"^(?:\d+(?:\.\d+)*\.?\s+)?([A-Z][\w'’\-]*(?:\s+[\w'’\-&/]+){0,7})$")
-WORD = re.compile(r"[A-Za-z][A-Za-z0-9'’\-]*[A-Za-z0-9]|[A-Za-z]")
+TOC_TAIL = re.compile(r"(?:\s*\.{2,}\s*|\s+)\d+$")  # a table of contents' dot leaders and page number
+WORD = re.compile(r"[A-Za-z][A-Za-z0-9'’\-]*[A-Za-z0-9]")  # two characters or more
 LEADING_JUNK = re.compile(r"^\s*(?:(?:[-*•·>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)]|q\d*[:.)])\s*)+", re.IGNORECASE)
 
 
@@ -77,17 +75,18 @@ def clean_query(line: str) -> str:
 
 
 def is_question(text: str) -> bool:
-    """Ends with a question mark, or starts with a question word."""
-    words = text.split()
-    return bool(words) and (text.endswith("?") or words[0].lower().strip(",:") in QUESTION_WORDS)
+    """Words ending with a question mark (a generator's answer cut off by its token limit has none)."""
+    return text.endswith("?") and len(text.rstrip("?").split()) > 0
 
 
-def select_queries(candidates: list[str], k: int, min_words: int, max_words: int,
-                   counts: QueryCounts) -> list[str]:
+def select_queries(candidates: list[str], k: int, min_words: int, max_words: int, counts: QueryCounts,
+                   taken: set[str] | None = None) -> list[str]:
     """The first ``k`` acceptable candidates, each cleaned; those passed over on the way counted by the reason they were
-    dropped (candidates after the ``k``-th kept one are not looked at)."""
+    dropped (candidates after the ``k``-th kept one are not looked at). ``taken`` holds the queries other pages kept
+    (lower-cased): the same query for two pages would be a contradiction for training and for the qrels."""
     kept: list[str] = []
     seen: set[str] = set()
+    taken = set() if taken is None else taken
     for raw in candidates:
         if len(kept) >= k:
             break
@@ -104,8 +103,11 @@ def select_queries(candidates: list[str], k: int, min_words: int, max_words: int
             reason = f"more than {max_words} words"
         elif text.lower() in seen:
             reason = "duplicate"
+        elif text.lower() in taken:
+            reason = "another page's query"
         else:
             seen.add(text.lower())
+            taken.add(text.lower())
             kept.append(text)
             continue
         counts.dropped[reason] += 1
@@ -134,7 +136,7 @@ def headings(text: str) -> list[str]:
     """Short lines that read like titles: a capital first word, 2-8 words, no final period, mostly letters."""
     found = []
     for line in text.splitlines():
-        line = line.strip()
+        line = TOC_TAIL.sub("", line.strip())
         match = HEADING.match(line)
         if not match or line.endswith((".", ",", ";", ":")):
             continue
@@ -146,19 +148,26 @@ def headings(text: str) -> list[str]:
     return found
 
 
-def text_layer_candidates(texts: list[str], per_page: int) -> list[list[str]]:
+def text_layer_candidates(texts: list[str], per_page: int, documents: list[str] | None = None) -> list[list[str]]:
     """For each page, up to ``3 x per_page`` questions from its headings and most distinctive phrases.
 
-    A phrase's weight on a page is its count there times ``log(pages / pages containing it)`` (TF-IDF), times its
-    length in words (a three-word term names more than one word does); a phrase inside a kept one is passed over.
+    A heading found on more than one page of its document (a running header) is not one, nor a phrase found on more
+    than half of its document's pages (a running title; it names no page). A phrase's weight on a page is its count
+    there times ``log(pages / pages containing it)`` (TF-IDF), times its length in words (a three-word term names more
+    than one word does); a phrase inside a kept one is passed over.
     """
+    documents = documents if documents is not None else ["" for _ in texts]
+    page_headings = [list(dict.fromkeys(headings(t))) for t in texts]
+    repeated = Counter((doc, h) for doc, found in zip(documents, page_headings) for h in found)
     grams_per_page = [Counter(g.lower() for g in _phrases(t)) for t in texts]
     spelled = [{g.lower(): g for g in _phrases(t)} for t in texts]
     document_frequency = Counter(g for grams in grams_per_page for g in grams)
+    pages_of = Counter(documents)
+    within = Counter((doc, g) for doc, grams in zip(documents, grams_per_page) for g in grams)
     n = len(texts)
     out = []
-    for text, grams, spelling in zip(texts, grams_per_page, spelled):
-        questions = [f"What does the section \"{h}\" cover?" for h in dict.fromkeys(headings(text))][:per_page]
+    for doc, found, grams, spelling in zip(documents, page_headings, grams_per_page, spelled):
+        questions = [f"What does the section \"{h}\" cover?" for h in found if repeated[doc, h] == 1][:per_page]
         ranked = sorted(grams, key=lambda g: (-grams[g] * math.log((n + 1) / document_frequency[g]) * len(g.split()),
                                               g))
         chosen: list[str] = []
@@ -166,6 +175,8 @@ def text_layer_candidates(texts: list[str], per_page: int) -> list[list[str]]:
             if len(chosen) >= 3 * per_page:
                 break
             if any(gram in c or c in gram for c in chosen):
+                continue
+            if pages_of[doc] > 1 and within[doc, gram] > pages_of[doc] / 2:
                 continue
             chosen.append(gram)
         questions += [f"What does the documentation say about {spelling[g]}?" for g in chosen]
@@ -274,7 +285,7 @@ def write_query_sets(pages, queries: list[list[str]], eval_documents: set[str], 
     image = datasets.Image()
     train_features = datasets.Features({"query": datasets.Value("string"), "image": image,
                                         "doc_id": datasets.Value("string"), "page": datasets.Value("int32")})
-    doc_ids, numbers = pages["doc_id"], pages["page"]
+    doc_ids, numbers = list(pages["doc_id"]), list(pages["page"])  # plain lists: a column lookup per row is slow
 
     def page_id(row: int) -> str:
         return f"{doc_ids[row]}#page={numbers[row]}"
@@ -285,15 +296,18 @@ def write_query_sets(pages, queries: list[list[str]], eval_documents: set[str], 
         raise ValueError("no query was kept for the training documents: nothing written")
     if eval_documents and not any(queries[row] for row in eval_rows):
         raise ValueError(f"no query was kept for the evaluation documents {sorted(eval_documents)}: nothing written")
-    write_dataset(({"query": q, "image": pages[row]["image"], "doc_id": doc_ids[row], "page": numbers[row]}
-                   for row in train_rows for q in queries[row]), train_features, output / "train")
+    def images(rows: list[int]) -> Iterator[tuple[int, dict]]:  # undecoded PNG bytes, read in one pass
+        return zip(rows, pages.select(rows).select_columns(["image"]))
+
+    write_dataset(({"query": q, "image": page["image"], "doc_id": doc_ids[row], "page": numbers[row]}
+                   for row, page in images(train_rows) for q in queries[row]), train_features, output / "train")
     query_table = [{"id": f"{page_id(row)}#q={i}", "text": q, "corpus_id": page_id(row)}
                    for row in eval_rows for i, q in enumerate(queries[row])]
     if not eval_rows:
         return {"train_rows": sum(len(queries[r]) for r in train_rows), "train_pages": len(train_rows),
                 "train_documents": len({doc_ids[r] for r in train_rows}), "eval_queries": 0, "eval_corpus": 0,
                 "eval_documents": []}
-    write_dataset(({"id": page_id(row), "image": pages[row]["image"]} for row in eval_rows),
+    write_dataset(({"id": page_id(row), "image": page["image"]} for row, page in images(eval_rows)),
                   datasets.Features({"id": datasets.Value("string"), "image": image}), output / "eval" / "corpus")
     write_dataset(({"id": q["id"], "text": q["text"]} for q in query_table),
                   datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")}),
@@ -323,25 +337,28 @@ def make_queries(data: str, output: str, options: QueryOptions | None = None,
     pages = load_pages(data)
     start = time.perf_counter()
     counts = QueryCounts(pages=len(pages))
-    texts = pages["text"]
+    texts, doc_ids = list(pages["text"]), list(pages["doc_id"])
     queries: list[list[str]] = []
+    taken: set[str] = set()  # every page's queries so far: no query is kept for two pages
     if generator is None:
-        candidates = text_layer_candidates(texts, options.per_page)
+        candidates = text_layer_candidates(texts, options.per_page, doc_ids)
         for text, page_candidates in zip(texts, candidates):
             counts.pages_without_text += not text.strip()
             queries.append(select_queries(page_candidates, options.per_page, options.min_words, options.max_words,
-                                          counts))
+                                          counts, taken))
     else:
         bar = tqdm(total=len(pages), unit="page", desc="generating", disable=not progress)
         for first in range(0, len(pages), options.batch_size):
             batch = pages.select(range(first, min(first + options.batch_size, len(pages))))
             for answer in generator([image.convert("RGB") for image in batch["image"]], options.per_page):
                 queries.append(select_queries(answer.splitlines(), options.per_page, options.min_words,
-                                              options.max_words, counts))
+                                              options.max_words, counts, taken))
             bar.update(len(batch))
         bar.close()
     counts.pages_without_queries = sum(not q for q in queries)
-    eval_documents = split_documents(pages["doc_id"], options.eval_fraction, options.seed)
+    # Drawn among documents with queries: a document without any (a scan) could not be evaluated.
+    with_queries = [doc for doc, page_queries in zip(doc_ids, queries) if page_queries]
+    eval_documents = split_documents(with_queries, options.eval_fraction, options.seed)
     staging = temporary_sibling(output_dir)
     try:
         written = write_query_sets(pages, queries, eval_documents, staging)
