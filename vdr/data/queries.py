@@ -237,6 +237,9 @@ class QueryGenerator:
 
 @dataclass
 class QueryOptions:
+    """The command's knobs: queries per page, the share of documents held out, the draw's seed, the word bounds of a
+    query and the pages per ``generate`` call."""
+
     per_page: int = 2
     eval_fraction: float = 0.2
     seed: int = 0
