@@ -159,8 +159,9 @@ def text_layer_candidates(texts: list[str], per_page: int, documents: list[str] 
     documents = documents if documents is not None else ["" for _ in texts]
     page_headings = [list(dict.fromkeys(headings(t))) for t in texts]
     repeated = Counter((doc, h) for doc, found in zip(documents, page_headings) for h in found)
-    grams_per_page = [Counter(g.lower() for g in _phrases(t)) for t in texts]
-    spelled = [{g.lower(): g for g in _phrases(t)} for t in texts]
+    phrases = [_phrases(t) for t in texts]
+    grams_per_page = [Counter(g.lower() for g in found) for found in phrases]
+    spelled = [{g.lower(): g for g in found} for found in phrases]
     document_frequency = Counter(g for grams in grams_per_page for g in grams)
     pages_of = Counter(documents)
     within = Counter((doc, g) for doc, grams in zip(documents, grams_per_page) for g in grams)
@@ -299,6 +300,7 @@ def write_query_sets(pages, queries: list[list[str]], eval_documents: set[str], 
         raise ValueError("no query was kept for the training documents: nothing written")
     if eval_documents and not any(queries[row] for row in eval_rows):
         raise ValueError(f"no query was kept for the evaluation documents {sorted(eval_documents)}: nothing written")
+
     def images(rows: list[int]) -> Iterator[tuple[int, dict]]:  # undecoded PNG bytes, read in one pass
         return zip(rows, pages.select(rows).select_columns(["image"]))
 
@@ -306,10 +308,11 @@ def write_query_sets(pages, queries: list[list[str]], eval_documents: set[str], 
                    for row, page in images(train_rows) for q in queries[row]), train_features, output / "train")
     query_table = [{"id": f"{page_id(row)}#q={i}", "text": q, "corpus_id": page_id(row)}
                    for row in eval_rows for i, q in enumerate(queries[row])]
+    summary = {"train_rows": sum(len(queries[r]) for r in train_rows), "train_pages": len(train_rows),
+               "train_documents": len({doc_ids[r] for r in train_rows}), "eval_queries": len(query_table),
+               "eval_corpus": len(eval_rows), "eval_documents": sorted(eval_documents)}
     if not eval_rows:
-        return {"train_rows": sum(len(queries[r]) for r in train_rows), "train_pages": len(train_rows),
-                "train_documents": len({doc_ids[r] for r in train_rows}), "eval_queries": 0, "eval_corpus": 0,
-                "eval_documents": []}
+        return summary
     write_dataset(({"id": page_id(row), "image": page["image"]} for row, page in images(eval_rows)),
                   datasets.Features({"id": datasets.Value("string"), "image": image}), output / "eval" / "corpus")
     write_dataset(({"id": q["id"], "text": q["text"]} for q in query_table),
@@ -318,26 +321,25 @@ def write_query_sets(pages, queries: list[list[str]], eval_documents: set[str], 
     write_dataset(({"query_id": q["id"], "corpus_id": q["corpus_id"], "score": 1} for q in query_table),
                   datasets.Features({"query_id": datasets.Value("string"), "corpus_id": datasets.Value("string"),
                                      "score": datasets.Value("int32")}), output / "eval" / "qrels")
-    return {"train_rows": sum(len(queries[r]) for r in train_rows), "train_pages": len(train_rows),
-            "train_documents": len({doc_ids[r] for r in train_rows}), "eval_queries": len(query_table),
-            "eval_corpus": len(eval_rows), "eval_documents": sorted(eval_documents)}
+    return summary
 
 
-def make_queries(data: str, output: str, options: QueryOptions | None = None,
+def make_queries(data, output: str, options: QueryOptions | None = None,
                  generator: QueryGenerator | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Queries for every page of ``data``, written to ``output`` (see the module docstring); returns the summary."""
-    options = options or QueryOptions()
+    """Queries for every page of ``data`` (a path for :func:`load_pages`, or the table it loaded), written to
+    ``output`` (see the module docstring); returns the summary."""
     from tqdm.auto import tqdm
 
     from vdr.data.writing import check_target, move_into_place, temporary_sibling
 
+    options = options or QueryOptions()
     if options.per_page < 1 or not 0 <= options.eval_fraction < 1 or options.min_words < 1 \
             or options.max_words < options.min_words or options.batch_size < 1:
         raise ValueError(f"invalid options {options}: need per_page >= 1, 0 <= eval_fraction < 1, "
                          "1 <= min_words <= max_words, batch_size >= 1")
     output_dir = Path(output)
     check_target(output_dir, overwrite)
-    pages = load_pages(data)
+    pages = load_pages(data) if isinstance(data, str | Path) else data
     start = time.perf_counter()
     counts = QueryCounts(pages=len(pages))
     texts, doc_ids = list(pages["text"]), list(pages["doc_id"])
@@ -407,11 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --prompt: only {{k}} may be a placeholder ({error!r}); double other braces", file=sys.stderr)
         return 1
     try:
-        load_pages(args.data)  # a bad --data fails before a model is loaded
+        pages = load_pages(args.data)  # a bad --data fails before a model is loaded
         generator = None
         if args.model:
             generator = QueryGenerator(args.model, args.prompt, args.max_new_tokens, args.device, args.max_pixels)
-        summary = make_queries(args.data, args.output, options, generator, args.overwrite, not args.no_progress)
+        summary = make_queries(pages, args.output, options, generator, args.overwrite, not args.no_progress)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
+from transformers.utils.generic import is_flash_attention_requested
 
 from vdr.models.inputs import vision_cu_seqlens
 from vdr.models.patch_embed import use_linear_patch_embed
@@ -260,8 +261,6 @@ def vision_kwargs(trunk: Qwen3VLModel, inputs) -> dict[str, torch.Tensor]:
     the segments passed as a host tensor make that read free. Flash attention wants them on the device, where the
     model computes them itself.
     """
-    from transformers.utils.generic import is_flash_attention_requested
-
     if not inputs.has_images or inputs.vision_seqlens is None or is_flash_attention_requested(trunk.visual.config):
         return {}
     # Qwen3VLModel passes its extra keyword arguments on to the language model too, whose attention ignores this one.
