@@ -10,7 +10,7 @@ import pytest
 import pytrec_eval
 import torch
 
-from vdr.evaluation.metrics import retrieval_metrics
+from vdr.evaluation.metrics import per_query_ndcg, retrieval_metrics
 from vdr.evaluation.topk import RunningTopK
 
 
@@ -80,6 +80,23 @@ def test_metrics_match_pytrec_eval(seed: int, chunk: int) -> None:
     assert "map@100" not in ours  # a top-12 of a 40-page corpus cannot give MAP@100
     assert ours["num_queries"] == reference["num_queries"] == len(qrels) - 1
     assert ours["num_skipped"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_ndcg_matches_pytrec_eval_query_by_query(seed: int) -> None:
+    scores, qrels = _fixture(seed)
+    ranked = _rank(scores, k=12, chunk=5)
+    ours = per_query_ndcg(ranked, qrels)  # [Q]
+    qrel = {f"q{q}": {_doc_id(r): g for r, g in rel.items()} for q, rel in enumerate(qrels) if rel}
+    run = {f"q{q}": {_doc_id(r): float(s) for r, s in enumerate(row)} for q, row in enumerate(scores)}
+    reference = pytrec_eval.RelevanceEvaluator(qrel, {"ndcg_cut.10"}).evaluate(run)
+    for q in range(len(qrels)):
+        if qrels[q]:
+            assert ours[q].item() == pytest.approx(reference[f"q{q}"]["ndcg_cut_10"], abs=1e-6), q
+        else:
+            assert ours[q].isnan()  # skipped, not scored 0
+    # The aggregate is their mean over the scored queries.
+    assert ours.nanmean().item() == pytest.approx(retrieval_metrics(ranked, qrels)["ndcg@10"], abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -39,40 +39,64 @@ def retrieval_metrics(ranked: torch.Tensor, qrels: list[dict[int, int]], corpus_
         documents or the whole corpus, ``map@100``, averaged over queries with a relevant document; plus
         ``num_queries`` (scored) and ``num_skipped`` (no relevant document).
     """
-    if ranked.shape[1] < 10:
-        raise ValueError(f"need at least 10 ranked documents per query, got {ranked.shape[1]}")
-    if len(qrels) != ranked.shape[0]:
-        raise ValueError(f"{ranked.shape[0]} ranked queries but qrels for {len(qrels)}")
-    ranked = ranked.cpu()
-    preds, grades, indexes = [], [], []
-    num_skipped = 0
-    for query, relevant in enumerate(qrels):
-        if not relevant:
-            num_skipped += 1
-            continue
-        rows = ranked[query].tolist()
-        retrieved = set(rows)
-        missing = [row for row in relevant if row not in retrieved]
-        rows = rows + missing
-        preds.append(torch.arange(len(rows), 0, -1, dtype=torch.float32))  # strictly decreasing: rank order
-        grades.append(torch.tensor([relevant.get(row, 0) for row in rows], dtype=torch.int64))
-        indexes.append(torch.full((len(rows),), query, dtype=torch.int64))
-    if not preds:
-        raise ValueError("no query has a relevant document: nothing to evaluate")
-    preds_t, grades_t, indexes_t = torch.cat(preds), torch.cat(grades), torch.cat(indexes)
-    binary = grades_t > 0
+    judged = _Judged(ranked, qrels)
+    binary = judged.grades > 0
     metrics = {
-        "ndcg@10": RetrievalNormalizedDCG(top_k=10)(preds_t, grades_t, indexes=indexes_t),
-        "mrr@10": RetrievalMRR(top_k=10)(preds_t, binary, indexes=indexes_t),
-        "recall@1": RetrievalRecall(top_k=1)(preds_t, binary, indexes=indexes_t),
-        "recall@5": RetrievalRecall(top_k=5)(preds_t, binary, indexes=indexes_t),
-        "recall@10": RetrievalRecall(top_k=10)(preds_t, binary, indexes=indexes_t),
+        "ndcg@10": RetrievalNormalizedDCG(top_k=10)(judged.preds, judged.grades, indexes=judged.indexes),
+        "mrr@10": RetrievalMRR(top_k=10)(judged.preds, binary, indexes=judged.indexes),
+        "recall@1": RetrievalRecall(top_k=1)(judged.preds, binary, indexes=judged.indexes),
+        "recall@5": RetrievalRecall(top_k=5)(judged.preds, binary, indexes=judged.indexes),
+        "recall@10": RetrievalRecall(top_k=10)(judged.preds, binary, indexes=judged.indexes),
     }
     out = {name: float(value) for name, value in metrics.items()}
     if ranked.shape[1] >= MAP_CUTOFF or ranked.shape[1] == corpus_size:
         out["map@100"] = mean_average_precision(ranked, qrels, MAP_CUTOFF)
-    out.update(num_queries=len(preds), num_skipped=num_skipped)
+    out.update(num_queries=len(judged.scored), num_skipped=len(qrels) - len(judged.scored))
     return out
+
+
+def per_query_ndcg(ranked: torch.Tensor, qrels: list[dict[int, int]]) -> torch.Tensor:
+    """``[Q]`` NDCG@10 of each query (NaN where it has no relevant document), as :func:`retrieval_metrics` averages.
+
+    Args:
+        ranked: ``[Q, K]`` corpus rows, best first (``K >= 10``).
+        qrels: Per query: ``{corpus row: grade > 0}``.
+    """
+    judged = _Judged(ranked, qrels)
+    # The same torchmetrics metric, aggregated by identity: one value per scored query, in query order.
+    ndcg = RetrievalNormalizedDCG(top_k=10, aggregation=lambda values, dim: values)
+    values = ndcg(judged.preds, judged.grades, indexes=judged.indexes)  # [Q']
+    out = torch.full((len(qrels),), float("nan"))  # [Q]
+    out[judged.scored] = values.float().cpu()
+    return out
+
+
+class _Judged:
+    """A ranking flattened for torchmetrics: rank-order ``preds``, ``grades`` and query ``indexes`` per document.
+
+    Relevant documents outside the ranking are appended below it; queries with no relevant document are left out
+    (``scored`` lists the others).
+    """
+
+    def __init__(self, ranked: torch.Tensor, qrels: list[dict[int, int]]) -> None:
+        if ranked.shape[1] < 10:
+            raise ValueError(f"need at least 10 ranked documents per query, got {ranked.shape[1]}")
+        if len(qrels) != ranked.shape[0]:
+            raise ValueError(f"{ranked.shape[0]} ranked queries but qrels for {len(qrels)}")
+        ranked = ranked.cpu()
+        preds, grades, indexes = [], [], []
+        self.scored = [query for query, relevant in enumerate(qrels) if relevant]
+        if not self.scored:
+            raise ValueError("no query has a relevant document: nothing to evaluate")
+        for query in self.scored:
+            relevant = qrels[query]
+            rows = ranked[query].tolist()
+            retrieved = set(rows)
+            rows = rows + [row for row in relevant if row not in retrieved]
+            preds.append(torch.arange(len(rows), 0, -1, dtype=torch.float32))  # strictly decreasing: rank order
+            grades.append(torch.tensor([relevant.get(row, 0) for row in rows], dtype=torch.int64))
+            indexes.append(torch.full((len(rows),), query, dtype=torch.int64))
+        self.preds, self.grades, self.indexes = torch.cat(preds), torch.cat(grades), torch.cat(indexes)
 
 
 def mean_average_precision(ranked: torch.Tensor, qrels: list[dict[int, int]], cutoff: int = MAP_CUTOFF) -> float:
