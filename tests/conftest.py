@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,12 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in accumulator.Tags()["scalars"]:
             values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return {tag: sorted(points, key=lambda point: point[0]) for tag, points in values.items()}
+
+
+def report_data(path: Path) -> dict:
+    """The JSON a ``vdr evaluate --report`` page draws from."""
+    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', path.read_text(), re.S)
+    return json.loads(match.group(1))
 
 
 def fit_tiny(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Path:

@@ -15,13 +15,13 @@ from vdr.cli import main
 from vdr.data.schema import load_eval_set
 from vdr.data.sources import load_table
 from vdr.evaluation.candidates import Candidates, sampled_candidates
-from vdr.evaluation.run import evaluate, rerank
+from vdr.evaluation.run import evaluate, rerank, short_name
 from vdr.evaluation.scorers import CrossEncoderScorer, ModuleScorer, load_scorer
 from vdr.export.command import export_checkpoint
 from vdr.lit.checkpoint import read_checkpoint
 from vdr.lit.reranker import RerankerModule
 
-from .conftest import RERANK_STACK, data_args, fit_tiny, scalars
+from .conftest import RERANK_STACK, data_args, fit_tiny, report_data, scalars
 
 
 def fit_reranker(root: Path, synth: Path, name: str, steps: int, *flags: str) -> Path:
@@ -111,8 +111,9 @@ def test_evaluate_retrieves_then_reranks(tiny_synth: Path, tmp_path: Path, check
     reports = {}
     for route, model in (("checkpoint", checkpoint), ("export", exported)):
         out = tmp_path / f"{route}.json"
+        report = ["--report", str(tmp_path / "report.html")] if route == "export" else []
         assert main(["evaluate", "--model", str(retriever), "--data", str(tiny_synth / "eval"), "--reranker",
-                     str(model), "--rerank_depth", "12", "--output", str(out), "--device", "cpu"]) == 0
+                     str(model), "--rerank_depth", "12", "--output", str(out), "--device", "cpu", *report]) == 0
         reports[route] = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "retriever   reranked" in printed
@@ -128,6 +129,20 @@ def test_evaluate_retrieves_then_reranks(tiny_synth: Path, tmp_path: Path, check
                     progress=False)
     assert candidates.metrics(eval_set, candidates.reranked(scores))["ndcg@10"] == pytest.approx(
         first["reranked"]["ndcg@10"], abs=1e-6)
+    # The saved per-query lists and the report show both stages: the reranked top 10 first, then the retriever's.
+    rows, sorted_scores = candidates.sorted(scores)
+    page = report_data(tmp_path / "report.html")
+    name, reranker_name = short_name(str(retriever)), short_name(str(exported))
+    assert [stage["label"] for stage in page["stages"]] == [f"{name} + {reranker_name}", name]
+    assert page["compare"] == [0, 1]  # the reranker's wins and losses against its retriever
+    for query, query_id in enumerate(eval_set.query_ids):
+        reranked_top = [eval_set.corpus_ids[row] for row in rows[query, :10].tolist()]
+        assert [pid for pid, _ in second["reranked"]["queries"][query_id]["top"]] == reranked_top
+        assert [row for row, _ in page["queries"][query]["stages"][0]["top"]] == rows[query, :10].tolist()
+        assert [score for _, score in page["queries"][query]["stages"][0]["top"]] == pytest.approx(
+            sorted_scores[query, :10].tolist(), abs=1e-4)
+        retrieved_top = retrieved.ranked[query, :10].tolist()
+        assert [row for row, _ in page["queries"][query]["stages"][1]["top"]] == retrieved_top
     assert main(["evaluate", "--model", str(retriever), "--data", str(tiny_synth / "eval"), "--reranker",
                  str(tmp_path / "missing.ckpt")]) == 2
 

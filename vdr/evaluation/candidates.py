@@ -48,9 +48,13 @@ class Candidates:
 
     def reranked(self, scores: torch.Tensor) -> torch.Tensor:
         """``[Q, C]`` rows sorted by ``scores`` (``[Q, C]``), best first; ties keep the first-stage order."""
+        return self.sorted(scores)[0]
+
+    def sorted(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([Q, C] rows, [Q, C] scores)`` sorted by ``scores``, best first (padding last, scored ``-inf``)."""
         scores = scores.float().masked_fill(self.rows == PAD, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)  # [Q, C]
-        return self.rows.gather(1, order)
+        return self.rows.gather(1, order), scores.gather(1, order)
 
     def metrics(self, eval_set: EvalSet, ranked: torch.Tensor | None = None) -> dict[str, float]:
         """Retrieval metrics of ``ranked`` (default: the first-stage order), with short lists padded to 10."""

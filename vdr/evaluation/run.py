@@ -19,21 +19,25 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vdr.data.errors import DataError
 from vdr.data.schema import EvalSet, load_eval_set
 from vdr.data.sources import load_table
 from vdr.evaluation.candidates import Candidates
 from vdr.evaluation.encoders import Encoder, load_encoder
 from vdr.evaluation.metrics import METRIC_NAMES, retrieval_metrics
+from vdr.evaluation.records import StageRecord
+from vdr.evaluation.report import default_details, write_report
 from vdr.evaluation.scorers import Scorer, load_scorer
 from vdr.evaluation.topk import RunningTopK
 
 
 @dataclass
 class EvalResult:
-    """Metrics and the kept ranking (``[Q, k]`` corpus rows, best first)."""
+    """Metrics and the kept ranking: ``[Q, k]`` corpus rows, best first, and their scores."""
 
     metrics: dict[str, float]
     ranked: torch.Tensor
+    scores: torch.Tensor
 
 
 def example_batches(dataset, batch_size: int, num_workers: int) -> DataLoader:
@@ -64,9 +68,9 @@ def evaluate(encoder: Encoder, eval_set: EvalSet, *, batch_size: int = 32, k: in
                          disable=not progress):
         rows = torch.tensor([e.index for e in examples])
         topk.update(encoder.pages([e.image for e in examples]), rows)
-    _, ranked = topk.result()
+    scores, ranked = topk.result()
     metrics = retrieval_metrics(ranked, eval_set.qrels, corpus_size=len(corpus))
-    return EvalResult(metrics, ranked.cpu())
+    return EvalResult(metrics, ranked.cpu(), scores.cpu())
 
 
 def rerank(scorer: Scorer, candidates: Candidates, eval_set: EvalSet, *, batch_size: int = 32, num_workers: int = 0,
@@ -89,28 +93,125 @@ def rerank(scorer: Scorer, candidates: Candidates, eval_set: EvalSet, *, batch_s
     return scores
 
 
-def _check_output(output: Path | None) -> None:
-    if output is not None and output.is_dir():
-        raise IsADirectoryError(f"--output {output} is a directory; expected a .json file path")
+def evaluate_stages(encoder: Encoder, eval_set: EvalSet, *, model: str, scorer: Scorer | None = None,
+                    reranker: str | None = None, rerank_depth: int = 100, batch_size: int = 32,
+                    num_workers: int = 0) -> list[StageRecord]:
+    """The retriever's ranking, then (with a scorer) its top ``rerank_depth`` reranked: one record per stage.
+
+    Args:
+        encoder: The retriever.
+        eval_set: Queries, corpus and qrels.
+        model: The retriever's name (labels and reports).
+        scorer: A reranker of the retriever's top pages.
+        reranker: The reranker's name.
+        rerank_depth: How many of the retriever's top pages the reranker re-scores.
+        batch_size: Inputs per encoder or scorer call.
+        num_workers: DataLoader workers decoding pages.
+    """
+    result = evaluate(encoder, eval_set, batch_size=batch_size, k=max(100, rerank_depth), num_workers=num_workers)
+    metrics = {name: result.metrics[name] for name in (*METRIC_NAMES, "num_queries", "num_skipped")}
+    stages = [StageRecord.from_ranking(short_name(model), model, metrics, result.ranked, result.scores,
+                                       eval_set.qrels)]
+    if scorer is not None:
+        candidates = Candidates(result.ranked[:, :rerank_depth], f"{model} top {rerank_depth}")
+        scores = rerank(scorer, candidates, eval_set, batch_size=batch_size, num_workers=num_workers)
+        rows, sorted_scores = candidates.sorted(scores)
+        reranked = candidates.metrics(eval_set, rows)
+        reranked = {name: reranked[name] for name in METRIC_NAMES if name in reranked}
+        label = f"{short_name(model)} + {short_name(reranker)}"
+        stages.insert(0, StageRecord.from_ranking(label, f"{model} reranked by {reranker}", reranked, rows,
+                                                  sorted_scores, eval_set.qrels))
+    return stages
+
+
+def run_json(stages: list[StageRecord], eval_set: EvalSet, *, model: str, data: str, reranker: str | None,
+             rerank_depth: int) -> dict:
+    """What ``--output`` writes: the retriever's metrics at the top level (a ``reranked`` section with a reranker),
+    and per query its top 10 and the ranks of its relevant pages, which ``--compare`` reads back."""
+    retriever = stages[-1]
+    report = {**retriever.metrics, "num_documents": len(eval_set.corpus_ids), "model": model, "data": data,
+              "kept": retriever.kept, "queries": retriever.to_json(eval_set)}
+    if len(stages) == 2:
+        report["reranked"] = {**stages[0].metrics, "reranker": reranker, "depth": rerank_depth,
+                              "queries": stages[0].to_json(eval_set)}
+    return report
+
+
+def stages_from_json(path: Path, eval_set: EvalSet) -> list[StageRecord]:
+    """The stages of a run saved by ``vdr evaluate --output`` (reranked first, when it has them), for ``--compare``.
+
+    Raises:
+        DataError: naming the file, when it is not such a run or was evaluated on other queries or pages.
+    """
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(str(path), f"cannot read it as JSON: {error}") from error
+    if not isinstance(run, dict) or "queries" not in run:
+        raise DataError(str(path), "has no per-query results (\"queries\"): write it with `vdr evaluate ... --output "
+                                   "FILE.json`")
+    model = str(run.get("model", path))
+    metrics = {name: run[name] for name in METRIC_NAMES if name in run}
+    stages = [StageRecord.from_json(run["queries"], eval_set, label=short_name(model), model=model, metrics=metrics,
+                                    kept=int(run.get("kept", 100)), source=path)]
+    reranked = run.get("reranked")
+    if isinstance(reranked, dict) and "queries" in reranked:
+        reranker = str(reranked.get("reranker"))
+        metrics = {name: reranked[name] for name in METRIC_NAMES if name in reranked}
+        stages.insert(0, StageRecord.from_json(
+            reranked["queries"], eval_set, label=f"{short_name(model)} + {short_name(reranker)}",
+            model=f"{model} reranked by {reranker}", metrics=metrics, kept=int(reranked.get("depth", 100)),
+            source=path))
+    return stages
+
+
+def short_name(model: str) -> str:
+    """A model's name for labels: a hub id as it is, a directory as its last two parts (``demo/export``), a checkpoint
+    file as its last three (``version_0/checkpoints/last.ckpt``)."""
+    if not os.path.exists(model):
+        return model
+    parts = Path(model).resolve().parts
+    return "/".join(parts[-3:] if os.path.isfile(model) else parts[-2:])
+
+
+def _check_output(output: Path | None, flag: str, suffix: str) -> None:
+    if output is not None and Path(output).is_dir():
+        raise IsADirectoryError(f"{flag} {output} is a directory; expected a {suffix} file path")
 
 
 def _write_json(path: Path, value: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
+    partial.write_text(json.dumps(value, indent=1) + "\n")
     os.replace(partial, path)  # an existing report is replaced only by a complete one
+
+
+def _print_table(stages: list[StageRecord]) -> None:
+    if len(stages) == 1:
+        for name in METRIC_NAMES:
+            print(f"{name:>10}  {stages[0].metrics[name]:.4f}")
+        return
+    columns = ["retriever", "reranked"] if len(stages) == 2 else [stage.label for stage in stages]
+    stages = stages[::-1] if len(stages) == 2 else stages  # pipeline order: retriever first
+    print(f"{'':>10}  " + "  ".join(f"{column:>9}" for column in columns))
+    for name in METRIC_NAMES:
+        values = [f"{s.metrics[name]:>9.4f}" if name in s.metrics else f"{'-':>9}" for s in stages]
+        print(f"{name:>10}  " + "  ".join(values))
 
 
 def evaluate_command(
     model: str,
     data: str,
     output: Path | None = None,
+    report: Path | None = None,
+    compare: str | None = None,
     batch_size: int = 32,
     device: str | None = None,
     num_workers: int = 0,
     verify_images: bool = True,
     reranker: str | None = None,
     rerank_depth: int = 100,
+    thumbnail_size: int = 160,
 ) -> dict[str, float]:
     """Evaluate a retriever (and optionally a reranker of its top pages): NDCG@10, MRR@10, Recall@1/5/10, MAP@100.
 
@@ -119,7 +220,12 @@ def evaluate_command(
             Hugging Face Qwen3-VL directory or hub id.
         data: An eval set with queries/, corpus/ and qrels/ tables (as `vdr data synth` writes under eval/), or a
             hub dataset with those configurations.
-        output: Also write the metrics to this JSON file.
+        output: Also write the metrics, and each query's top 10 pages, to this JSON file (what --compare reads).
+        report: Also write an HTML report to this file: each query's top pages as thumbnails, worst queries first,
+            self-contained (opens offline).
+        compare: Another run to show beside this one in the report, with per-query wins and losses: a JSON file
+            written by `vdr evaluate --output` on the same eval set, or a second retriever (a model, as for
+            --model) to evaluate here.
         batch_size: Queries or pages per forward pass.
         device: cpu, cuda, cuda:1, ... (default: cuda when available).
         num_workers: Processes decoding pages.
@@ -127,38 +233,43 @@ def evaluate_command(
         reranker: Rerank each query's top pages with this model: a reranker checkpoint (.ckpt), a CrossEncoder
             directory (e.g. from `vdr export`) or hub id. Both stages' metrics are printed and saved.
         rerank_depth: How many of the retriever's top pages the reranker re-scores.
+        thumbnail_size: The report's thumbnails: longer side in pixels.
     """
-    _check_output(output)
+    _check_output(output, "--output", ".json")
+    _check_output(report, "--report", ".html")
     if rerank_depth < 1:
         raise ValueError(f"rerank_depth must be >= 1, got {rerank_depth}")
+    if compare is not None and report is None:
+        raise ValueError("--compare shows two runs side by side in the report: give --report FILE.html too")
     start = time.perf_counter()
     eval_set = load_eval_set(data, loader=load_table, verify_images=verify_images)  # bad data fails before the model
+    compare_is_run = compare is not None and Path(compare).is_file() and compare.endswith(".json")
+    others = stages_from_json(Path(compare), eval_set) if compare_is_run else []  # a bad file fails early too
     encoder = load_encoder(model, device)
     scorer = load_scorer(reranker, device) if reranker else None  # a bad reranker path fails before the long part
-    result = evaluate(encoder, eval_set, batch_size=batch_size, k=max(100, rerank_depth), num_workers=num_workers)
-    metrics = {name: result.metrics[name] for name in METRIC_NAMES}
-    report = {**metrics, "num_queries": result.metrics["num_queries"], "num_skipped": result.metrics["num_skipped"],
-              "num_documents": len(eval_set.corpus_ids), "model": model, "data": data}
-    reranked = None
-    if scorer is not None:
-        candidates = Candidates(result.ranked[:, :rerank_depth], f"{model} top {rerank_depth}")
-        scores = rerank(scorer, candidates, eval_set, batch_size=batch_size, num_workers=num_workers)
-        rerank_metrics = candidates.metrics(eval_set, candidates.reranked(scores))
-        reranked = {name: rerank_metrics[name] for name in METRIC_NAMES if name in rerank_metrics}
-        report["reranked"] = {**reranked, "reranker": reranker, "depth": rerank_depth}
-    if reranked is None:
-        for name in METRIC_NAMES:
-            print(f"{name:>10}  {metrics[name]:.4f}")
-    else:
-        print(f"{'':>10}  {'retriever':>9}  {'reranked':>9}")
-        for name in METRIC_NAMES:
-            second = f"{reranked[name]:>9.4f}" if name in reranked else f"{'-':>9}"
-            print(f"{name:>10}  {metrics[name]:>9.4f}  {second}")
+    other_encoder = load_encoder(compare, device) if compare is not None and not compare_is_run else None
+    stages = evaluate_stages(encoder, eval_set, model=model, scorer=scorer, reranker=reranker,
+                             rerank_depth=rerank_depth, batch_size=batch_size, num_workers=num_workers)
+    _print_table(stages)
+    if other_encoder is not None:
+        others = evaluate_stages(other_encoder, eval_set, model=compare, batch_size=batch_size,
+                                 num_workers=num_workers)
+    if output is not None:
+        _write_json(Path(output), run_json(stages, eval_set, model=model, data=data, reranker=reranker,
+                                           rerank_depth=rerank_depth))
+    if report is not None:
+        for other in others:
+            if any(other.label == stage.label for stage in stages):
+                other.label += " (compared)"
+        pair = (0, len(stages)) if others else (0, 1) if len(stages) == 2 else None
+        title = f"{short_name(model)} on {data}" + (f" vs {others[0].label}" if others else "")
+        details = default_details(model, data, eval_set, reranker=reranker, compared_with=compare)
+        write_report(report, eval_set, stages + others, title=title, details=details, compare=pair,
+                     thumbnail_size=thumbnail_size, num_workers=num_workers)
+        print(f"report: {report}", file=sys.stderr)
     print(f"{len(eval_set.query_ids)} queries, {len(eval_set.corpus_ids)} pages, "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-    if output is not None:
-        _write_json(Path(output), report)
-    return metrics
+    return {name: stages[-1].metrics[name] for name in METRIC_NAMES}
 
 
 def information_retrieval_evaluator(eval_set: EvalSet, **kwargs):
