@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vdr.cli import main
 from vdr.data.errors import DataError
+from vdr.evaluation.grid import CAPTION, FRAME, GAP, MISSED, RELEVANT
 
 from .conftest import REPO, STACK, data_args, fit_tiny, scalars
 
@@ -49,6 +54,26 @@ def test_fit_writes_config_events_and_checkpoints(fitted_run: Path) -> None:
         assert name in logged, name
     checkpoints = sorted(p.name for p in (fitted_run / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any(n.startswith("step4-ndcg") for n in checkpoints)
+
+
+def test_fit_logs_the_retrieval_image_to_tensorboard(fitted_run: Path) -> None:
+    images = []
+    for events in fitted_run.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
+        accumulator.Reload()
+        if "val/retrieval" in accumulator.Tags()["images"]:
+            images.extend(accumulator.Images("val/retrieval"))
+    # Before training and at the end, at the global step (as the log line and checkpoint names; Lightning's scalars
+    # say 3, its index of the last batch).
+    assert sorted(image.step for image in images) == [0, 4]
+    picture = Image.open(io.BytesIO(images[-1].encoded_image_string))
+    cell = 128 + 2 * FRAME
+    band = CAPTION + cell + GAP
+    assert (picture.height, picture.width) == (GAP + 4 * band, GAP + 6 * (cell + GAP) + GAP)  # 4 queries x 5 + 1
+    pixels = np.asarray(picture.convert("RGB"))
+    for query in range(4):  # each query's relevant page is framed: green in its top 5, else red beside it
+        strip = pixels[GAP + query * band : GAP + (query + 1) * band].reshape(-1, 3)
+        assert (strip == RELEVANT).all(axis=1).any() or (strip == MISSED).all(axis=1).any(), query
 
 
 def test_validate_from_checkpoint_reproduces_the_final_metric(fitted_run: Path, tiny_synth: Path,

@@ -13,16 +13,22 @@ gathered and merged: the corpus embeddings never leave their rank.
 Matryoshka: for each listed dimension ``d`` the corpus is also ranked with the embeddings truncated to their first
 ``d`` dimensions and renormalised (how Sentence Transformers' ``truncate_dim`` serves them), one more running top-k
 per ``d``, and ``val/ndcg@10_d{d}`` is logged; at the full size it is ``val/ndcg@10`` itself.
+
+Pictures: at each validation, rank zero also logs to TensorBoard (``val/retrieval``) one image of the top pages of a
+few fixed eval queries, relevant pages framed in green (``vdr.evaluation.grid``), so a run's progress can be watched
+in the Images tab.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from vdr.callbacks.evaluation import EvaluationCallback
 from vdr.distributed.collectives import all_gather_uneven
+from vdr.evaluation.grid import fixed_queries, retrieval_grid
 from vdr.evaluation.metrics import retrieval_metrics
 from vdr.evaluation.topk import RunningTopK
 
@@ -37,15 +43,21 @@ class RetrievalEvaluator(EvaluationCallback):
         prefix: Metric name prefix.
         dims: Matryoshka dimensions to also evaluate (``ndcg@10_d{d}``); default: the module loss's ``dims`` when it
             has them (``MatryoshkaLoss``), else none.
+        image_queries: How many fixed eval queries (spread over the eval set) the TensorBoard image shows; 0: none.
+        image_depth: Top pages shown per query in that image.
     """
 
-    def __init__(self, k: int = 100, prefix: str = "val/", dims: list[int] | None = None) -> None:
+    def __init__(self, k: int = 100, prefix: str = "val/", dims: list[int] | None = None, image_queries: int = 4,
+                 image_depth: int = 5) -> None:
         if k < 10:
             raise ValueError(f"k must be at least 10 for NDCG@10, got {k}")
         if dims is not None and any(d <= 0 for d in dims):
             raise ValueError(f"dims must be positive, got {dims}")
+        if image_queries < 0 or not 1 <= image_depth <= k:
+            raise ValueError(f"need image_queries >= 0 and 1 <= image_depth <= k, got {image_queries}, {image_depth}")
         super().__init__()
         self.k, self.prefix, self.dims = k, prefix, dims
+        self.image_queries, self.image_depth = image_queries, image_depth
         self._query_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._topk: RunningTopK | None = None
         self._truncated: dict[int, RunningTopK] = {}  # d -> top-k by the first d dimensions; d < full size only
@@ -120,11 +132,23 @@ class RetrievalEvaluator(EvaluationCallback):
             pl_module.log(f"{prefix}{name}", value, sync_dist=True)
         self.last_metrics = {"step": trainer.global_step, **metrics, **by_dim}
         self.last_ranking = ranked.cpu()
+        self._log_image(trainer, eval_set, f"{prefix}retrieval")
         rank_zero_info(
             f"step {trainer.global_step}: " + ", ".join(f"{n} {metrics[n]:.4f}" for n in ("ndcg@10", "recall@1"))
             + "".join(f", {n} {v:.4f}" for n, v in by_dim.items())
         )
         self._reset()
+
+
+    def _log_image(self, trainer, eval_set, tag: str) -> None:
+        """The top pages of the fixed queries, as one image, to every TensorBoard logger (rank zero)."""
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        queries = fixed_queries(len(eval_set.query_ids), self.image_queries)
+        if not trainer.is_global_zero or not loggers or not queries:
+            return
+        grid = retrieval_grid(eval_set, self.last_ranking, queries, depth=self.image_depth)  # [H, W, 3]
+        for logger in loggers:
+            logger.experiment.add_image(tag, grid, trainer.global_step, dataformats="HWC")
 
 
 def _truncate(embeddings: torch.Tensor, dim: int) -> torch.Tensor:
