@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,21 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in accumulator.Tags()["scalars"]:
             values.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return {tag: sorted(points, key=lambda point: point[0]) for tag, points in values.items()}
+
+
+_browser_spec = importlib.util.spec_from_file_location("report_browser", REPO / "scripts" / "report_browser.py")
+report_browser = importlib.util.module_from_spec(_browser_spec)
+sys.modules["report_browser"] = report_browser  # dataclasses look their module up there
+_browser_spec.loader.exec_module(report_browser)
+
+
+def needs_browser() -> None:
+    """Skip without Chromium or playwright, except under CI (VDR_REQUIRE_BROWSER=1), where that is a failure."""
+    missing = report_browser.chromium_path() is None or importlib.util.find_spec("playwright") is None
+    if missing and os.environ.get("VDR_REQUIRE_BROWSER") == "1":
+        pytest.fail("VDR_REQUIRE_BROWSER=1 but Chromium or playwright is missing (apt-get install chromium)")
+    if missing:
+        pytest.skip("needs Chromium and playwright (apt-get install chromium; pip install -e .[dev])")
 
 
 def report_data(path: Path) -> dict:

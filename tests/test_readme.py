@@ -6,6 +6,7 @@ CI runs them in a separate step.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from vdr.data.synth import SynthConfig, generate
 from vdr.evaluation.encoders import SentenceTransformerEncoder, load_encoder
 from vdr.evaluation.run import information_retrieval_evaluator
 
-from .conftest import REPO, assert_same_ranking, embed_eval_set, scalars
+from .conftest import REPO, assert_same_ranking, embed_eval_set, needs_browser, report_browser, scalars
 
 DEMO = "bash scripts/install.sh && .venv/bin/vdr fit --config configs/demo.yaml"
 TESTS = "bash scripts/install.sh && .venv/bin/pytest"
@@ -116,6 +117,25 @@ def test_full_demo_learns_to_read(demo: Path) -> None:
     assert abs(theirs - after) < 1e-4, (theirs, after)
     assert_same_ranking(embed_eval_set(SentenceTransformerEncoder(served), eval_set),
                         embed_eval_set(load_encoder(str(last), "cpu"), eval_set))
+
+
+@pytest.mark.slow
+def test_demo_report_opens_in_chromium(demo: Path) -> None:
+    """The README's report command on the demo's model: thumbnails load, the worst query comes first, a screenshot."""
+    needs_browser()
+    report = demo / "report.html"
+    subprocess.run([sys.executable, "-m", "vdr", "evaluate", "--model", "checkpoints/demo/export", "--data",
+                    "checkpoints/data/synth-128/eval", "--output", "demo.json", "--report", str(report)],
+                   cwd=demo, check=True)
+    run = json.loads((demo / "demo.json").read_text())
+    worst = min(run["queries"], key=lambda q: (run["queries"][q]["ndcg@10"], q))  # ids sort in eval order here
+    with report_browser.open_report(report) as opened:
+        first = opened.page.eval_on_selector("section.query", "card => card.dataset.id")
+        total, loaded = opened.thumbnails()
+        opened.page.screenshot(path=str(demo / "report.png"))
+        print(f"demo report: {report.stat().st_size / 2**20:.1f} MB, {loaded}/{total} thumbnails, drawn in "
+              f"{opened.seconds:.2f} s; worst query {worst} (ndcg@10 {run['queries'][worst]['ndcg@10']:.3f})")
+        assert first == worst and loaded == total > 0 and opened.problems == []
 
 
 @pytest.mark.slow

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import base64
 import copy
-import importlib.util
 import io
 import json
 import math
-import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +28,7 @@ from vdr.evaluation.grid import MISSED, OTHER, RELEVANT, fixed_queries, retrieva
 from vdr.evaluation.metrics import per_query_ndcg, retrieval_metrics
 from vdr.evaluation.records import DEPTH, StageRecord
 
-from .conftest import REPO, report_data
-
-spec = importlib.util.spec_from_file_location("report_browser", REPO / "scripts" / "report_browser.py")
-report_browser = importlib.util.module_from_spec(spec)
-sys.modules["report_browser"] = report_browser  # dataclasses look their module up there
-spec.loader.exec_module(report_browser)
-
-
-def needs_browser() -> None:
-    """Skip without Chromium or playwright, except under CI (VDR_REQUIRE_BROWSER=1), where that is a failure."""
-    missing = report_browser.chromium_path() is None or importlib.util.find_spec("playwright") is None
-    if missing and os.environ.get("VDR_REQUIRE_BROWSER") == "1":
-        pytest.fail("VDR_REQUIRE_BROWSER=1 but Chromium or playwright is missing (apt-get install chromium)")
-    if missing:
-        pytest.skip("needs Chromium and playwright (apt-get install chromium; pip install -e .[dev])")
+from .conftest import needs_browser, report_browser, report_data
 
 
 @pytest.fixture(scope="module")

@@ -166,12 +166,13 @@ def stages_from_json(path: Path, eval_set: EvalSet) -> list[StageRecord]:
 
 
 def short_name(model: str) -> str:
-    """A model's name for labels: a hub id as it is, a directory as its last two parts (``demo/export``), a checkpoint
-    file as its last three (``version_0/checkpoints/last.ckpt``)."""
+    """A model's name for labels: a hub id as it is; a path as its last two folders (``demo/export``), and for a file
+    its name after them, folders named ``checkpoints`` skipped (``rerank_demo/version_0/last.ckpt``)."""
     if not os.path.exists(model):
         return model
-    parts = Path(model).resolve().parts
-    return "/".join(parts[-3:] if os.path.isfile(model) else parts[-2:])
+    path = Path(model).resolve()
+    folders = [part for part in (path.parent.parts if path.is_file() else path.parts) if part != "checkpoints"]
+    return "/".join(folders[-2:] + ([path.name] if path.is_file() else []))
 
 
 def _check_output(output: Path | None, flag: str, suffix: str) -> None:
