@@ -22,9 +22,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# No background services, no sandbox (CI runs as root), no GPU: what a closed-network CI machine needs.
+# No background services, no sandbox (CI runs as root), no GPU: what a closed-network CI machine needs; /tmp rather
+# than /dev/shm for shared memory (64 MB in a container, less than a large report needs).
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
 ALL_DECODED = "Array.from(document.images).every(image => image.complete)"
 THUMBNAILS = "[document.images.length, Array.from(document.images).filter(image => image.naturalWidth > 0).length]"
 

@@ -143,6 +143,22 @@ def test_bad_compare_fails_before_any_model_work(evaluated: Path, tiny_synth: Pa
     assert main(["evaluate", "--model", "no-such-model", "--data", data, "--report", str(tmp_path / "r.html"),
                  "--compare", str(tmp_path / "old.json")]) == 2
     assert "no per-query results" in capsys.readouterr().err
+    # A run over more queries, over another corpus, or with a metric that is not a number.
+    for change, message in ((lambda run: run["queries"].update(extra=run["queries"]["q0000"]), "not in"),
+                            (lambda run: run.update(num_documents=999), "over 999 pages"),
+                            (lambda run: run.update({"ndcg@10": "high"}), "ndcg@10 must be a number")):
+        bad = json.loads((evaluated / "b.json").read_text())
+        change(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        assert main(["evaluate", "--model", "no-such-model", "--data", data, "--report", str(tmp_path / "r.html"),
+                     "--compare", str(tmp_path / "bad.json")]) == 2
+        error = capsys.readouterr().err
+        assert "bad.json" in error and message in error, error
+    # A run file that is not there is named as such (not looked up as a model), as is a local model path.
+    for missing in ("runs/typo.json", "./no/such/model"):
+        assert main(["evaluate", "--model", "no-such-model", "--data", data, "--report", str(tmp_path / "r.html"),
+                     "--compare", missing]) == 2
+        assert f"--compare {missing}: no such file" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists()
 
 
@@ -157,7 +173,7 @@ def test_report_holds_both_runs_and_each_page_once(evaluated: Path, eval_set) ->
     assert data["compare"] == [0, 1] and len(data["queries"]) == len(eval_set.query_ids)
     a, b = (json.loads((evaluated / name).read_text()) for name in ("a.json", "b.json"))
     for stage, run in zip(data["stages"], (a, b)):
-        assert stage["metrics"]["ndcg@10"] == pytest.approx(run["ndcg@10"])
+        assert stage["metrics"]["ndcg@10"] == pytest.approx(run["ndcg@10"], abs=1e-6)
     for query, shown in zip(eval_set.query_ids, data["queries"]):
         for stage, run in zip(shown["stages"], (a, b)):
             assert [eval_set.corpus_ids[row] for row, _ in stage["top"]] == [p for p, _ in run["queries"][query]["top"]]
@@ -183,15 +199,31 @@ def test_a_run_compared_with_itself_ties_on_every_query(evaluated: Path, models:
     assert all(q["stages"][0] == q["stages"][1] for q in data["queries"])
 
 
+def test_compare_with_a_second_model_evaluates_it_here(evaluated: Path, models: tuple[Path, Path], tiny_synth: Path,
+                                                      tmp_path: Path) -> None:
+    """--compare MODEL gives the same report as --compare its saved run."""
+    assert main(["evaluate", "--model", str(models[0]), "--data", str(tiny_synth / "eval"), "--report",
+                 str(tmp_path / "models.html"), "--compare", str(models[1]), "--device", "cpu"]) == 0
+    by_model, by_file = report_data(tmp_path / "models.html"), report_data(evaluated / "report.html")
+    assert [s["label"] for s in by_model["stages"]] == [s["label"] for s in by_file["stages"]]
+    for from_model, from_file in zip(by_model["queries"], by_file["queries"]):
+        assert [[row for row, _ in s["top"]] for s in from_model["stages"]] == \
+            [[row for row, _ in s["top"]] for s in from_file["stages"]]
+
+
 def test_query_text_cannot_break_out_of_the_page(eval_set, tmp_path: Path) -> None:
     from vdr.evaluation.report import write_report
 
     hostile = copy.copy(eval_set)
-    hostile.query_texts = ["</script><script>window.pwned = 1</script>"] + eval_set.query_texts[1:]
-    write_report(tmp_path / "r.html", hostile, [_record(eval_set, 0)], title="<b>t</b>", details={}, progress=False)
+    hostile.query_texts = ["</script><script>window.pwned = 1</script>", "what does __THUMBS__ mean",
+                           *eval_set.query_texts[2:]]
+    write_report(tmp_path / "r.html", hostile, [_record(eval_set, 0)], title="<b>t</b> __DATA__",
+                 details={"model": "__TITLE__"}, progress=False)
     text = (tmp_path / "r.html").read_text()
-    assert "</script><script>window.pwned" not in text and "<title>&lt;b&gt;t&lt;/b&gt;</title>" in text
-    assert report_data(tmp_path / "r.html")["queries"][0]["text"] == hostile.query_texts[0]
+    assert "</script><script>window.pwned" not in text and "<title>&lt;b&gt;t&lt;/b&gt; __DATA__</title>" in text
+    data = report_data(tmp_path / "r.html")  # still valid JSON: placeholders inside texts are left alone
+    assert [q["text"] for q in data["queries"][:2]] == hostile.query_texts[:2]
+    assert data["details"] == [["model", "__TITLE__"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,9 +231,15 @@ def test_query_text_cannot_break_out_of_the_page(eval_set, tmp_path: Path) -> No
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _worst_first(values: list[float]) -> list[int]:
-    """Query rows by value ascending, NaN last, ties in eval order (the page's sort)."""
-    return sorted(range(len(values)), key=lambda q: (math.isnan(values[q]), values[q], q))
+def _worst_first(values: list[float], ranks: list[dict] | None = None) -> list[int]:
+    """Query rows by value ascending, NaN last (the page's sort); ties: with ``ranks`` (per query, relevant page ->
+    rank or None), the lowest-placed best relevant page first; then eval order."""
+    def first_rank(q: int) -> float:
+        placed = [rank for rank in (ranks[q].values() if ranks else []) if rank is not None]
+        return min(placed, default=math.inf) if ranks else 0
+
+    return sorted(range(len(values)), key=lambda q: (math.isnan(values[q]), 0 if math.isnan(values[q]) else values[q],
+                                                     -first_rank(q), q))
 
 
 def test_report_in_chromium_worst_query_first_thumbnails_loaded(evaluated: Path, eval_set, tmp_path: Path) -> None:
@@ -213,7 +251,8 @@ def test_report_in_chromium_worst_query_first_thumbnails_loaded(evaluated: Path,
         page = opened.page
         cards = lambda: page.eval_on_selector_all("section.query", "cards => cards.map(c => c.dataset.id)")  # noqa: E731
         # Worst query first, in the order NDCG@10 sorts them.
-        assert cards() == [eval_set.query_ids[q] for q in _worst_first(ours)]
+        ranks = [q["stages"][0]["ranks"] for q in data["queries"]]
+        assert cards() == [eval_set.query_ids[q] for q in _worst_first(ours, ranks)]
         # Every thumbnail on the page decoded: 2 runs x 10 pages per query, plus relevant pages that missed them.
         total, loaded = opened.thumbnails()
         missed = sum(1 for q in data["queries"] for s in q["stages"] for row in q["relevant"]
@@ -225,7 +264,7 @@ def test_report_in_chromium_worst_query_first_thumbnails_loaded(evaluated: Path,
         assert pixels.shape[:2] == (1000, 1400) and pixels.std() > 20  # drawn, not blank
         # Filter: relevant page not in the top 10.
         opened.rerendered(lambda: page.select_option("#filter", "missed-0"))
-        expected = [eval_set.query_ids[q] for q in _worst_first(ours)
+        expected = [eval_set.query_ids[q] for q in _worst_first(ours, ranks)
                     if not set(eval_set.qrels[q]) & {row for row, _ in data["queries"][q]["stages"][0]["top"]}]
         assert cards() == expected
         # Sort by the change against the compared run, losses first; the header counts wins and losses.
@@ -255,7 +294,7 @@ def test_large_report_paginates(eval_set, tmp_path: Path) -> None:
     large.qrels = eval_set.qrels * repeat
     record = _record(large, 3)
     write_report(tmp_path / "large.html", large, [record], title="large", details={}, progress=False)
-    order = _worst_first(record.ndcg.tolist())
+    order = _worst_first(record.ndcg.tolist(), record.ranks)
     with report_browser.open_report(tmp_path / "large.html") as opened:
         page = opened.page
         ids = lambda: page.eval_on_selector_all("section.query", "cards => cards.map(c => c.dataset.id)")  # noqa: E731

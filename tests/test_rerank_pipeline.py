@@ -15,7 +15,8 @@ from vdr.cli import main
 from vdr.data.schema import load_eval_set
 from vdr.data.sources import load_table
 from vdr.evaluation.candidates import Candidates, sampled_candidates
-from vdr.evaluation.run import evaluate, rerank, short_name
+from vdr.evaluation.records import short_name
+from vdr.evaluation.run import evaluate, rerank
 from vdr.evaluation.scorers import CrossEncoderScorer, ModuleScorer, load_scorer
 from vdr.export.command import export_checkpoint
 from vdr.lit.checkpoint import read_checkpoint
@@ -111,7 +112,8 @@ def test_evaluate_retrieves_then_reranks(tiny_synth: Path, tmp_path: Path, check
     reports = {}
     for route, model in (("checkpoint", checkpoint), ("export", exported)):
         out = tmp_path / f"{route}.json"
-        report = ["--report", str(tmp_path / "report.html")] if route == "export" else []
+        # The report compares with the same retriever given as a second model: it is reranked the same way.
+        report = ["--report", str(tmp_path / "report.html"), "--compare", str(retriever)] if route == "export" else []
         assert main(["evaluate", "--model", str(retriever), "--data", str(tiny_synth / "eval"), "--reranker",
                      str(model), "--rerank_depth", "12", "--output", str(out), "--device", "cpu", *report]) == 0
         reports[route] = json.loads(out.read_text())
@@ -130,11 +132,13 @@ def test_evaluate_retrieves_then_reranks(tiny_synth: Path, tmp_path: Path, check
     assert candidates.metrics(eval_set, candidates.reranked(scores))["ndcg@10"] == pytest.approx(
         first["reranked"]["ndcg@10"], abs=1e-6)
     # The saved per-query lists and the report show both stages: the reranked top 10 first, then the retriever's.
-    rows, sorted_scores = candidates.sorted(scores)
+    rows, sorted_scores = candidates.sort_by(scores)
     page = report_data(tmp_path / "report.html")
     name, reranker_name = short_name(str(retriever)), short_name(str(exported))
-    assert [stage["label"] for stage in page["stages"]] == [f"{name} + {reranker_name}", name]
-    assert page["compare"] == [0, 1]  # the reranker's wins and losses against its retriever
+    assert [stage["label"] for stage in page["stages"]] == [
+        f"{name} + {reranker_name}", name, f"{name} + {reranker_name} (compared)", f"{name} (compared)"]
+    assert page["compare"] == [0, 2]  # reranked pipeline against reranked pipeline
+    assert all(q["stages"][0]["top"] == q["stages"][2]["top"] for q in page["queries"])  # the same pipeline twice
     for query, query_id in enumerate(eval_set.query_ids):
         reranked_top = [eval_set.corpus_ids[row] for row in rows[query, :10].tolist()]
         assert [pid for pid, _ in second["reranked"]["queries"][query_id]["top"]] == reranked_top

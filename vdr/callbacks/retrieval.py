@@ -139,14 +139,18 @@ class RetrievalEvaluator(EvaluationCallback):
         )
         self._reset()
 
-
     def _log_image(self, trainer, eval_set, tag: str) -> None:
         """The top pages of the fixed queries, as one image, to every TensorBoard logger (rank zero)."""
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         queries = fixed_queries(len(eval_set.query_ids), self.image_queries)
         if not trainer.is_global_zero or not loggers or not queries:
             return
-        grid = retrieval_grid(eval_set, self.last_ranking, queries, depth=self.image_depth)  # [H, W, 3]
+        try:
+            grid = retrieval_grid(eval_set, self.last_ranking, queries, depth=self.image_depth)  # [H, W, 3]
+        except Exception as error:
+            # A picture must not end a run: on rank zero alone, the other ranks would wait at the next collective.
+            rank_zero_warn(f"could not draw the {tag} image: {type(error).__name__}: {error}")
+            return
         for logger in loggers:
             logger.experiment.add_image(tag, grid, trainer.global_step, dataformats="HWC")
 

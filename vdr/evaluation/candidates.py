@@ -48,9 +48,9 @@ class Candidates:
 
     def reranked(self, scores: torch.Tensor) -> torch.Tensor:
         """``[Q, C]`` rows sorted by ``scores`` (``[Q, C]``), best first; ties keep the first-stage order."""
-        return self.sorted(scores)[0]
+        return self.sort_by(scores)[0]
 
-    def sorted(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sort_by(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``([Q, C] rows, [Q, C] scores)`` sorted by ``scores``, best first (padding last, scored ``-inf``)."""
         scores = scores.float().masked_fill(self.rows == PAD, float("-inf"))
         order = scores.argsort(dim=1, descending=True, stable=True)  # [Q, C]

@@ -9,7 +9,9 @@ checks that every id is in the eval set and names the file and the id when one i
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 from vdr.data.errors import DataError
 from vdr.data.schema import EvalSet
-from vdr.evaluation.metrics import per_query_ndcg
+from vdr.evaluation.metrics import METRIC_NAMES, per_query_ndcg
 
 DEPTH = 10  # pages kept per query: what NDCG@10 and the report look at
 PAD = -1
@@ -130,3 +132,82 @@ def _entry(entry, source: str, query_id: str) -> tuple[list[tuple[str, float]], 
         raise DataError(source, f"query {query_id!r}: expected {{'top': [[page id, score], ...], 'ranks': "
                                 f"{{page id: rank}}}}, got {str(entry)[:120]}") from error
     return pairs, ranks
+
+
+def run_json(stages: list[StageRecord], eval_set: EvalSet, *, model: str, data: str, reranker: str | None,
+             rerank_depth: int) -> dict:
+    """What ``--output`` writes: the retriever's metrics at the top level (a ``reranked`` section with a reranker),
+    and per query its top 10 and the ranks of its relevant pages, which ``--compare`` reads back."""
+    retriever = stages[-1]
+    report = {**retriever.metrics, "num_documents": len(eval_set.corpus_ids), "model": model, "data": data,
+              "kept": retriever.kept, "queries": retriever.to_json(eval_set)}
+    if len(stages) == 2:
+        report["reranked"] = {**stages[0].metrics, "reranker": reranker, "depth": rerank_depth,
+                              "queries": stages[0].to_json(eval_set)}
+    return report
+
+
+def read_run(path: Path, eval_set: EvalSet) -> list[StageRecord]:
+    """The stages of a run saved by ``vdr evaluate --output`` (reranked first, when it has them), for ``--compare``.
+
+    Raises:
+        DataError: naming the file, when it is not such a run or was evaluated on other queries or pages.
+    """
+    try:
+        run = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(str(path), f"cannot read it as JSON: {error}") from error
+    if not isinstance(run, dict) or "queries" not in run:
+        raise DataError(str(path), "has no per-query results (\"queries\"): write it with `vdr evaluate ... --output "
+                                   "FILE.json`")
+    _check_same_eval_set(run, eval_set, path)
+    model = str(run.get("model", path))
+    metrics = _metrics(run, path)
+    stages = [StageRecord.from_json(run["queries"], eval_set, label=short_name(model), model=model, metrics=metrics,
+                                    kept=int(run.get("kept", 100)), source=path)]
+    reranked = run.get("reranked")
+    if isinstance(reranked, dict) and "queries" in reranked:
+        reranker = str(reranked.get("reranker"))
+        metrics = _metrics(reranked, path)
+        stages.insert(0, StageRecord.from_json(
+            reranked["queries"], eval_set, label=f"{short_name(model)} + {short_name(reranker)}",
+            model=f"{model} reranked by {reranker}", metrics=metrics, kept=int(reranked.get("depth", 100)),
+            source=path))
+    return stages
+
+
+def short_name(model: str) -> str:
+    """A model's name for labels: a hub id as it is; a path as its last two folders (``demo/export``), and for a file
+    its name after them, folders named ``checkpoints`` skipped (``rerank_demo/version_0/last.ckpt``)."""
+    if not os.path.exists(model):
+        return model
+    path = Path(model).resolve()
+    folders = [part for part in (path.parent.parts if path.is_file() else path.parts) if part != "checkpoints"]
+    return "/".join(folders[-2:] + ([path.name] if path.is_file() else []))
+
+
+def _check_same_eval_set(run: dict, eval_set: EvalSet, path: Path) -> None:
+    """A saved run's metrics are only comparable over the same queries and pages: refuse others."""
+    queries = run["queries"]
+    if isinstance(queries, dict):
+        extra = [q for q in queries if q not in set(eval_set.query_ids)]
+        if extra:
+            raise DataError(str(path), f"has results for {len(extra)} queries that are not in {eval_set.name} (e.g. "
+                                       f"{extra[0]!r}): it was evaluated on another eval set")
+    pages = run.get("num_documents")
+    if pages is not None and pages != len(eval_set.corpus_ids):
+        raise DataError(str(path), f"was evaluated over {pages} pages, {eval_set.name} has "
+                                   f"{len(eval_set.corpus_ids)}: its metrics would not be comparable")
+
+
+def _metrics(section: dict, path: Path) -> dict[str, float]:
+    metrics = {}
+    for name in METRIC_NAMES:
+        if name in section:
+            try:
+                metrics[name] = float(section[name])
+            except (TypeError, ValueError) as error:
+                raise DataError(str(path), f"{name} must be a number, got {section[name]!r}") from error
+            if not math.isfinite(metrics[name]):
+                raise DataError(str(path), f"{name} must be a finite number, got {section[name]!r}")
+    return metrics

@@ -16,6 +16,7 @@ import html
 import json
 import math
 import os
+import re
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -57,7 +58,8 @@ def report_data(eval_set: EvalSet, stages: list[StageRecord], *, title: str, det
         "title": title,
         "details": [[key, value] for key, value in details.items()],
         "metricNames": list(METRIC_NAMES),
-        "stages": [{"label": s.label, "model": s.model, "metrics": s.metrics, "kept": s.kept} for s in stages],
+        "stages": [{"label": s.label, "model": s.model, "metrics": {k: _finite(v) for k, v in s.metrics.items()},
+                    "kept": s.kept} for s in stages],
         "compare": list(compare) if compare is not None else None,
         "thumbnailHeight": thumbnail_height,
         "pageIds": {row: eval_set.corpus_ids[row] for row in shown_rows(eval_set, stages)},
@@ -97,9 +99,9 @@ def write_report(path: str | Path, eval_set: EvalSet, stages: list[StageRecord],
     for batch in tqdm(loader, desc="thumbnails", unit="batch", disable=not progress):
         thumbs.update(batch)
     template = resources.files("vdr.evaluation").joinpath("report.html").read_text(encoding="utf-8")
-    page = (template.replace("__TITLE__", html.escape(title))
-            .replace("__DATA__", _script_json(data))
-            .replace("__THUMBS__", _script_json(thumbs)))
+    parts = {"TITLE": html.escape(title), "DATA": _script_json(data), "THUMBS": _script_json(thumbs)}
+    # One pass: a placeholder's name inside a query text or a path must not be substituted again.
+    page = re.sub(r"__(TITLE|DATA|THUMBS)__", lambda match: parts[match[1]], template)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(page, encoding="utf-8")
@@ -122,5 +124,5 @@ def _finite(value: float) -> float | None:
 def _script_json(value: object) -> str:
     # Inside <script type="application/json">: "<" only occurs in strings, where \u003c reads back the same and
     # no "</script>" in a query text can end the block.
-    return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
+    return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
 

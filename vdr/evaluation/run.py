@@ -19,13 +19,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vdr.data.errors import DataError
 from vdr.data.schema import EvalSet, load_eval_set
 from vdr.data.sources import load_table
 from vdr.evaluation.candidates import Candidates
 from vdr.evaluation.encoders import Encoder, load_encoder
 from vdr.evaluation.metrics import METRIC_NAMES, retrieval_metrics
-from vdr.evaluation.records import StageRecord
+from vdr.evaluation.records import StageRecord, read_run, run_json, short_name
 from vdr.evaluation.report import default_details, write_report
 from vdr.evaluation.scorers import Scorer, load_scorer
 from vdr.evaluation.topk import RunningTopK
@@ -115,7 +114,7 @@ def evaluate_stages(encoder: Encoder, eval_set: EvalSet, *, model: str, scorer: 
     if scorer is not None:
         candidates = Candidates(result.ranked[:, :rerank_depth], f"{model} top {rerank_depth}")
         scores = rerank(scorer, candidates, eval_set, batch_size=batch_size, num_workers=num_workers)
-        rows, sorted_scores = candidates.sorted(scores)
+        rows, sorted_scores = candidates.sort_by(scores)
         reranked = candidates.metrics(eval_set, rows)
         reranked = {name: reranked[name] for name in METRIC_NAMES if name in reranked}
         label = f"{short_name(model)} + {short_name(reranker)}"
@@ -124,60 +123,23 @@ def evaluate_stages(encoder: Encoder, eval_set: EvalSet, *, model: str, scorer: 
     return stages
 
 
-def run_json(stages: list[StageRecord], eval_set: EvalSet, *, model: str, data: str, reranker: str | None,
-             rerank_depth: int) -> dict:
-    """What ``--output`` writes: the retriever's metrics at the top level (a ``reranked`` section with a reranker),
-    and per query its top 10 and the ranks of its relevant pages, which ``--compare`` reads back."""
-    retriever = stages[-1]
-    report = {**retriever.metrics, "num_documents": len(eval_set.corpus_ids), "model": model, "data": data,
-              "kept": retriever.kept, "queries": retriever.to_json(eval_set)}
-    if len(stages) == 2:
-        report["reranked"] = {**stages[0].metrics, "reranker": reranker, "depth": rerank_depth,
-                              "queries": stages[0].to_json(eval_set)}
-    return report
-
-
-def stages_from_json(path: Path, eval_set: EvalSet) -> list[StageRecord]:
-    """The stages of a run saved by ``vdr evaluate --output`` (reranked first, when it has them), for ``--compare``.
-
-    Raises:
-        DataError: naming the file, when it is not such a run or was evaluated on other queries or pages.
-    """
-    try:
-        run = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(str(path), f"cannot read it as JSON: {error}") from error
-    if not isinstance(run, dict) or "queries" not in run:
-        raise DataError(str(path), "has no per-query results (\"queries\"): write it with `vdr evaluate ... --output "
-                                   "FILE.json`")
-    model = str(run.get("model", path))
-    metrics = {name: run[name] for name in METRIC_NAMES if name in run}
-    stages = [StageRecord.from_json(run["queries"], eval_set, label=short_name(model), model=model, metrics=metrics,
-                                    kept=int(run.get("kept", 100)), source=path)]
-    reranked = run.get("reranked")
-    if isinstance(reranked, dict) and "queries" in reranked:
-        reranker = str(reranked.get("reranker"))
-        metrics = {name: reranked[name] for name in METRIC_NAMES if name in reranked}
-        stages.insert(0, StageRecord.from_json(
-            reranked["queries"], eval_set, label=f"{short_name(model)} + {short_name(reranker)}",
-            model=f"{model} reranked by {reranker}", metrics=metrics, kept=int(reranked.get("depth", 100)),
-            source=path))
-    return stages
-
-
-def short_name(model: str) -> str:
-    """A model's name for labels: a hub id as it is; a path as its last two folders (``demo/export``), and for a file
-    its name after them, folders named ``checkpoints`` skipped (``rerank_demo/version_0/last.ckpt``)."""
-    if not os.path.exists(model):
-        return model
-    path = Path(model).resolve()
-    folders = [part for part in (path.parent.parts if path.is_file() else path.parts) if part != "checkpoints"]
-    return "/".join(folders[-2:] + ([path.name] if path.is_file() else []))
-
-
 def _check_output(output: Path | None, flag: str, suffix: str) -> None:
     if output is not None and Path(output).is_dir():
         raise IsADirectoryError(f"{flag} {output} is a directory; expected a {suffix} file path")
+
+
+def _check_compare(compare: str, report: Path | None) -> None:
+    """--compare fails before any work: it needs --report, and a run file or a local model must exist."""
+    if report is None:
+        raise ValueError("--compare shows two runs side by side in the report: give --report FILE.html too")
+    if compare.endswith(".json"):
+        if not Path(compare).is_file():
+            raise FileNotFoundError(f"--compare {compare}: no such file (a run written by vdr evaluate --output)")
+        return
+    hub_id = compare.count("/") == 1 and not compare.startswith((".", "/", "~"))
+    if not os.path.exists(compare) and not hub_id:
+        raise FileNotFoundError(f"--compare {compare}: no such file or directory (expected a run .json, a model "
+                                f"directory or checkpoint, or a hub id owner/name)")
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -240,21 +202,29 @@ def evaluate_command(
     _check_output(report, "--report", ".html")
     if rerank_depth < 1:
         raise ValueError(f"rerank_depth must be >= 1, got {rerank_depth}")
-    if compare is not None and report is None:
-        raise ValueError("--compare shows two runs side by side in the report: give --report FILE.html too")
+    if thumbnail_size < 16:
+        raise ValueError(f"thumbnail_size must be at least 16 pixels, got {thumbnail_size}")
+    if compare is not None:
+        _check_compare(compare, report)
     start = time.perf_counter()
     eval_set = load_eval_set(data, loader=load_table, verify_images=verify_images)  # bad data fails before the model
-    compare_is_run = compare is not None and Path(compare).is_file() and compare.endswith(".json")
-    others = stages_from_json(Path(compare), eval_set) if compare_is_run else []  # a bad file fails early too
+    compare_is_run = compare is not None and compare.endswith(".json")
+    others = read_run(Path(compare), eval_set) if compare_is_run else []  # a bad file fails early too
     encoder = load_encoder(model, device)
     scorer = load_scorer(reranker, device) if reranker else None  # a bad reranker path fails before the long part
-    other_encoder = load_encoder(compare, device) if compare is not None and not compare_is_run else None
     stages = evaluate_stages(encoder, eval_set, model=model, scorer=scorer, reranker=reranker,
                              rerank_depth=rerank_depth, batch_size=batch_size, num_workers=num_workers)
     _print_table(stages)
-    if other_encoder is not None:
-        others = evaluate_stages(other_encoder, eval_set, model=compare, batch_size=batch_size,
+    if compare is not None and not compare_is_run:
+        # The second retriever, behind the same reranker when there is one: the two pipelines differ in one part.
+        # Loaded only now, in place of the first, so two models never share the device.
+        del encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        others = evaluate_stages(load_encoder(compare, device), eval_set, model=compare, scorer=scorer,
+                                 reranker=reranker, rerank_depth=rerank_depth, batch_size=batch_size,
                                  num_workers=num_workers)
+        _print_table(others)
     if output is not None:
         _write_json(Path(output), run_json(stages, eval_set, model=model, data=data, reranker=reranker,
                                            rerank_depth=rerank_depth))
