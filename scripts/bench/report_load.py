@@ -25,7 +25,7 @@ from vdr.data.sources import load_table
 from vdr.data.synth import SynthConfig, generate
 from vdr.evaluation.metrics import retrieval_metrics
 from vdr.evaluation.records import StageRecord
-from vdr.evaluation.report import default_details, write_report
+from vdr.evaluation.report import default_details, shown_rows, write_report
 
 BROWSER = Path(__file__).resolve().parents[1] / "report_browser.py"
 
@@ -71,7 +71,7 @@ def main() -> None:
                  thumbnail_size=args.thumbnail_size, num_workers=args.workers, progress=False)
     written = time.perf_counter() - start
     size = report.stat().st_size / 2**20
-    shown = len({row for s in stages for row in s.top.flatten().tolist()} | {r for q in eval_set.qrels for r in q})
+    shown = len(shown_rows(eval_set, stages))
 
     browser = _browser()
     with browser.open_report(report) as opened:

@@ -105,10 +105,10 @@ class StageRecord:
         for query, query_id in enumerate(eval_set.query_ids):
             pairs, saved_ranks = _entry(queries[query_id], source, query_id)
             for column, (page_id, score) in enumerate(pairs[:DEPTH]):
-                if str(page_id) not in corpus_row:
+                if page_id not in corpus_row:
                     raise DataError(source, f"query {query_id!r} ranks page {page_id!r}, which is not in the eval "
                                             f"corpus of {eval_set.name}")
-                top[query, column], scores[query, column] = corpus_row[str(page_id)], score
+                top[query, column], scores[query, column] = corpus_row[page_id], score
             ranks.append({row: saved_ranks.get(eval_set.corpus_ids[row]) for row in sorted(eval_set.qrels[query])})
         return cls(label, model, dict(metrics), top, scores, per_query_ndcg(top, eval_set.qrels), ranks, kept)
 
@@ -190,7 +190,8 @@ def _check_same_eval_set(run: dict, eval_set: EvalSet, path: Path) -> None:
     """A saved run's metrics are only comparable over the same queries and pages: refuse others."""
     queries = run["queries"]
     if isinstance(queries, dict):
-        extra = [q for q in queries if q not in set(eval_set.query_ids)]
+        known = set(eval_set.query_ids)
+        extra = [q for q in queries if q not in known]
         if extra:
             raise DataError(str(path), f"has results for {len(extra)} queries that are not in {eval_set.name} (e.g. "
                                        f"{extra[0]!r}): it was evaluated on another eval set")

@@ -150,16 +150,16 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def _print_table(stages: list[StageRecord]) -> None:
+    """The retriever's metrics, or (with a reranker) both stages side by side in pipeline order."""
     if len(stages) == 1:
         for name in METRIC_NAMES:
             print(f"{name:>10}  {stages[0].metrics[name]:.4f}")
         return
-    columns = ["retriever", "reranked"] if len(stages) == 2 else [stage.label for stage in stages]
-    stages = stages[::-1] if len(stages) == 2 else stages  # pipeline order: retriever first
-    print(f"{'':>10}  " + "  ".join(f"{column:>9}" for column in columns))
+    reranked, retriever = stages
+    print(f"{'':>10}  {'retriever':>9}  {'reranked':>9}")
     for name in METRIC_NAMES:
-        values = [f"{s.metrics[name]:>9.4f}" if name in s.metrics else f"{'-':>9}" for s in stages]
-        print(f"{name:>10}  " + "  ".join(values))
+        second = f"{reranked.metrics[name]:>9.4f}" if name in reranked.metrics else f"{'-':>9}"
+        print(f"{name:>10}  {retriever.metrics[name]:>9.4f}  {second}")
 
 
 def evaluate_command(
