@@ -195,6 +195,13 @@ def test_config_validation() -> None:
         SynthConfig(num_eval_queries=len(ALL_COMBOS))
     with pytest.raises(ValueError):
         SynthConfig(num_negatives=-1)
+    with pytest.raises(ValueError, match="layout_jitter"):
+        SynthConfig(layout_jitter=1.5)
+
+
+def test_config_record_leaves_out_default_jitter() -> None:
+    assert "layout_jitter" not in synth.config_record(SynthConfig())
+    assert synth.config_record(SynthConfig(layout_jitter=0.5))["layout_jitter"] == 0.5
 
 
 # ---- queries ---------------------------------------------------------------------------------------------------------
@@ -273,6 +280,41 @@ def test_layout_not_predictable_from_company(default_plan: synth.SynthPlan) -> N
     assert np.abs(means - means.mean(axis=0)).max() < 6
 
 
+def _ink_in_band(image: Image.Image, size: int, background: tuple[int, int, int]) -> np.ndarray:
+    band = np.asarray(image)[: int(QUERY_TEXT_BAND * size)]
+    return (band != np.array(background, dtype=np.uint8)).any(axis=-1)
+
+
+def test_title_block_has_a_fixed_place_unless_jittered() -> None:
+    # The same topic on pages of different seeds: the same pixels are inked in the title band (only colours differ),
+    # unless layout_jitter moves the margins.
+    def masks(jitter: float) -> list[np.ndarray]:
+        out = []
+        for seed in range(6):
+            layout = sample_layout(random.Random(seed), 128, jitter)
+            page = render_page("Kelton", "Margin", 2021, random.Random(seed), layout_jitter=jitter)
+            out.append(_ink_in_band(page, 128, layout.background))
+        return out
+
+    fixed, jittered = masks(0.0), masks(1.0)
+    assert all(np.array_equal(fixed[0], m) for m in fixed[1:])
+    assert not all(np.array_equal(jittered[0], m) for m in jittered[1:])
+
+
+def test_year_sits_at_the_right_margin_whatever_the_metric() -> None:
+    # The year's pixels do not move with the metric's length: the right part of the subtitle is the same for a short
+    # and a long metric word, and differs between years.
+    layout = sample_layout(random.Random(0))
+    subtitle = slice(layout.margin_y + 27, int(QUERY_TEXT_BAND * 128))
+    right = slice(128 - layout.margin_x - 34, 128)
+
+    def year_pixels(metric: str, year: int) -> np.ndarray:
+        return np.asarray(render_page("Acme", metric, year, random.Random(0)))[subtitle, right]
+
+    assert np.array_equal(year_pixels("Debt", 2019), year_pixels("Revenue", 2019))
+    assert not np.array_equal(year_pixels("Debt", 2019), year_pixels("Debt", 2018))
+
+
 def test_text_contrast_is_high() -> None:
     for seed in range(200):
         layout = sample_layout(random.Random(seed))
@@ -334,3 +376,5 @@ def test_main_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 1  # refuses to clobber
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--blank-query-text"]) == 0
+    assert main([*argv, "--overwrite", "--layout-jitter", "1"]) == 0
+    assert json.loads((out / "synth.json").read_text())["config"]["layout_jitter"] == 1.0
