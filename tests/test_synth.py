@@ -230,11 +230,12 @@ def _below_band(image: Image.Image, size: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("size", [64, 96, 128])
-def test_page_outside_text_band_ignores_topic(size: int) -> None:
+@pytest.mark.parametrize("jitter", [0.0, 1.0])
+def test_page_outside_text_band_ignores_topic(size: int, jitter: float) -> None:
     # The strongest form of honesty: given the page RNG, nothing outside the title band depends on the topic.
     for seed in range(8):
-        a = render_page("Acme", "Revenue", 2015, random.Random(seed), size=size)
-        b = render_page("Zandor", "Margin", 2024, random.Random(seed), size=size)
+        a = render_page("Acme", "Revenue", 2015, random.Random(seed), size=size, layout_jitter=jitter)
+        b = render_page("Zandor", "Margin", 2024, random.Random(seed), size=size, layout_jitter=jitter)
         assert np.array_equal(_below_band(a, size), _below_band(b, size))
         assert not np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -301,18 +302,38 @@ def test_title_block_has_a_fixed_place_unless_jittered() -> None:
     assert not all(np.array_equal(jittered[0], m) for m in jittered[1:])
 
 
-def test_year_sits_at_the_right_margin_whatever_the_metric() -> None:
-    # The year's pixels do not move with the metric's length: the right part of the subtitle is the same for a short
-    # and a long metric word, and differs between years.
-    layout = sample_layout(random.Random(0))
-    subtitle = slice(layout.margin_y + 27, int(QUERY_TEXT_BAND * 128))
-    right = slice(128 - layout.margin_x - 34, 128)
+@pytest.mark.parametrize("size", [32, 128])
+def test_year_sits_at_the_right_margin_whatever_the_metric(size: int) -> None:
+    # The year's pixels do not move with the metric's length, and the metric never reaches them (even on the smallest
+    # page, where the longest metric has to shrink): the year's columns of the subtitle are the same for the shortest
+    # and the longest metric word, and differ between years.
+    layout = sample_layout(random.Random(0), size)
+    subtitle = slice(layout.margin_y + synth._scaled(size, 27), int(QUERY_TEXT_BAND * size))
+    year_width = synth._font(synth._scaled(size, 14)).getlength("2019")
+    right = slice(size - layout.margin_x - int(year_width) - 1, size)
 
     def year_pixels(metric: str, year: int) -> np.ndarray:
-        return np.asarray(render_page("Acme", metric, year, random.Random(0)))[subtitle, right]
+        return np.asarray(render_page("Acme", metric, year, random.Random(0), size=size))[subtitle, right]
 
     assert np.array_equal(year_pixels("Debt", 2019), year_pixels("Revenue", 2019))
+    assert np.array_equal(year_pixels("Debt", 2019), year_pixels("Assets", 2019))
     assert not np.array_equal(year_pixels("Debt", 2019), year_pixels("Debt", 2018))
+
+
+def test_generate_renders_with_the_configured_jitter(tmp_path: Path) -> None:
+    config = replace(TINY, layout_jitter=1.0)
+    generate(tmp_path / "jittered", config, progress=False)
+    spec = plan(config).train[0].positive
+    stored = np.asarray(_load(tmp_path / "jittered", "train")[0]["image"])
+    assert np.array_equal(stored, np.asarray(synth.render_spec(spec, size=64, blank_query_text=False,
+                                                               layout_jitter=1.0)))
+    fixed = synth.render_spec(spec, size=64, blank_query_text=False)
+    seeds = [row.positive.seed for row in plan(config).train]
+    moved = [sample_layout(random.Random(seed), 64, 1.0).margin_x != sample_layout(random.Random(seed), 64).margin_x
+             for seed in seeds]
+    assert any(moved)  # otherwise the comparison below could not tell the two apart
+    if moved[0]:
+        assert not np.array_equal(stored, np.asarray(fixed))
 
 
 def test_text_contrast_is_high() -> None:
@@ -376,5 +397,8 @@ def test_main_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 1  # refuses to clobber
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--blank-query-text"]) == 0
+    with pytest.raises(SystemExit):
+        main([*argv, "--overwrite", "--layout-jitter", "2"])
+    assert "between 0 and 1" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--layout-jitter", "1"]) == 0
     assert json.loads((out / "synth.json").read_text())["config"]["layout_jitter"] == 1.0

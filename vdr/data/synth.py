@@ -411,12 +411,13 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
 
 
 def _fitting_font(text: str, size: int, max_width: int) -> ImageFont.FreeTypeFont:
-    # Shrinks only as far as needed, so long names stay as large (legible) as the page allows.
-    for pt in range(size, 5, -1):
+    # Shrinks only as far as needed, so long names stay as large (legible) as the page allows; never past its room
+    # (on the smallest pages the metric would otherwise run into the year).
+    for pt in range(size, 1, -1):
         font = _font(pt)
         if font.getlength(text) <= max_width:
             return font
-    return _font(6)
+    return _font(1)
 
 
 def _draw_table(draw: ImageDraw.ImageDraw, layout: PageLayout, box: tuple[int, int, int, int], size: int) -> None:
@@ -653,6 +654,13 @@ def generate(
     )
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``vdr data synth``).
 
@@ -674,8 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank-query-text", action="store_true", help="omit title and subtitle from every page")
     parser.add_argument("--page-size-range", type=int, nargs=2, metavar=("SMALLEST", "LARGEST"),
                         help="draw each page's side from this range instead of --image-size")
-    parser.add_argument("--layout-jitter", type=float, default=defaults.layout_jitter,
-                        help="how far margins and title move from page to page: 0 (fixed) to 1 (generator version 1)")
+    parser.add_argument("--layout-jitter", type=_unit_interval, default=defaults.layout_jitter,
+                        help="how far margins and title move from page to page: 0 (fixed) to 1 (generator version 1's "
+                             "margin range)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
