@@ -107,7 +107,12 @@ def _assert_same_step(reference: Path, other: Path) -> None:
         grads = torch.load(other / f"rank{rank}-grads.pt")
         assert grads.keys() == expected.keys()
         for name, grad in expected.items():
-            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+            # Two ranks sum in another order than one process: float32 rounding scales with the tensor's largest
+            # entries, e.g. in the token-embedding gradient, which adds many rows' contributions (seen: 1.4e-6 on an
+            # entry of 4e-3 in a table whose largest is 0.34). A lost global negative changes entries by far more
+            # (test_a_gather_that_keeps_only_the_local_gradient_fails_the_gradient_check).
+            atol = max(1e-6, 1e-5 * grad.abs().max().item())
+            torch.testing.assert_close(grads[name], grad, atol=atol, rtol=1e-4, msg=name)
 
 
 def test_ddp_global_negatives_give_the_one_process_loss_and_gradients(one_process: Path, ddp: Path) -> None:
