@@ -327,13 +327,10 @@ def test_generate_renders_with_the_configured_jitter(tmp_path: Path) -> None:
     stored = np.asarray(_load(tmp_path / "jittered", "train")[0]["image"])
     assert np.array_equal(stored, np.asarray(synth.render_spec(spec, size=64, blank_query_text=False,
                                                                layout_jitter=1.0)))
-    fixed = synth.render_spec(spec, size=64, blank_query_text=False)
-    seeds = [row.positive.seed for row in plan(config).train]
-    moved = [sample_layout(random.Random(seed), 64, 1.0).margin_x != sample_layout(random.Random(seed), 64).margin_x
-             for seed in seeds]
-    assert any(moved)  # otherwise the comparison below could not tell the two apart
-    if moved[0]:
-        assert not np.array_equal(stored, np.asarray(fixed))
+    # This page's margins do move with jitter, so a generate() that dropped the setting would store another image.
+    jittered, fixed = (sample_layout(random.Random(spec.seed), 64, jitter) for jitter in (1.0, 0.0))
+    assert (jittered.margin_x, jittered.margin_y) != (fixed.margin_x, fixed.margin_y)
+    assert not np.array_equal(stored, np.asarray(synth.render_spec(spec, size=64, blank_query_text=False)))
 
 
 def test_text_contrast_is_high() -> None:
