@@ -121,7 +121,7 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.layout_jitter <= 1.0:
-            raise ValueError(f"layout_jitter must be in [0, 1], got {self.layout_jitter}")
+            raise ValueError(f"layout_jitter must be between 0 and 1, got {self.layout_jitter}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32 to fit the layout, got {self.image_size}")
         if self.page_size_range is not None:
@@ -483,9 +483,9 @@ def render_page(
         draw.text((layout.margin_x, layout.margin_y), company, fill=layout.ink, font=title_font, anchor="lt")
         # The year keeps its place at the right margin whatever the metric's length (digits share one width).
         subtitle_y = layout.margin_y + title_slot
-        year_font = _font(_scaled(size, 14))
-        draw.text((size - layout.margin_x, subtitle_y), str(year), fill=layout.ink, font=year_font, anchor="rt")
-        metric_width = width - round(year_font.getlength(str(year))) - _scaled(size, 4)
+        year_text, year_font = str(year), _font(_scaled(size, 14))
+        draw.text((size - layout.margin_x, subtitle_y), year_text, fill=layout.ink, font=year_font, anchor="rt")
+        metric_width = width - round(year_font.getlength(year_text)) - _scaled(size, 4)
         metric_font = _fitting_font(metric, _scaled(size, 14), metric_width)
         draw.text((layout.margin_x, subtitle_y), metric, fill=layout.ink, font=metric_font, anchor="lt")
     assert layout.margin_y + title_slot + subtitle_slot <= band, "query text must stay inside its band"
@@ -654,13 +654,6 @@ def generate(
     )
 
 
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``vdr data synth``).
 
@@ -682,24 +675,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank-query-text", action="store_true", help="omit title and subtitle from every page")
     parser.add_argument("--page-size-range", type=int, nargs=2, metavar=("SMALLEST", "LARGEST"),
                         help="draw each page's side from this range instead of --image-size")
-    parser.add_argument("--layout-jitter", type=_unit_interval, default=defaults.layout_jitter,
+    parser.add_argument("--layout-jitter", type=float, default=defaults.layout_jitter,
                         help="how far margins and title move from page to page: 0 (fixed) to 1 (generator version 1's "
                              "margin range)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
 
-    config = SynthConfig(
-        seed=args.seed,
-        image_size=args.image_size,
-        num_train_pages=args.num_train_pages,
-        num_negatives=args.num_negatives,
-        num_eval_queries=args.num_eval_queries,
-        distractors_per_query=args.distractors_per_query,
-        blank_query_text=args.blank_query_text,
-        page_size_range=tuple(args.page_size_range) if args.page_size_range else None,
-        layout_jitter=args.layout_jitter,
-    )
+    try:  # SynthConfig's own checks, reported as usage errors like argparse's
+        config = SynthConfig(
+            seed=args.seed,
+            image_size=args.image_size,
+            num_train_pages=args.num_train_pages,
+            num_negatives=args.num_negatives,
+            num_eval_queries=args.num_eval_queries,
+            distractors_per_query=args.distractors_per_query,
+            blank_query_text=args.blank_query_text,
+            page_size_range=tuple(args.page_size_range) if args.page_size_range else None,
+            layout_jitter=args.layout_jitter,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     start = time.perf_counter()
     try:
         generate(args.output, config, progress=not args.no_progress, overwrite=args.overwrite)
