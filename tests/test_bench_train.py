@@ -27,6 +27,7 @@ def bench():
     del sys.modules[spec.name]
 
 
+@pytest.mark.slow  # 27 s: the default suite keeps under 20 minutes
 def test_tiny_cpu_run_measures_both_modes(tmp_path):
     output = tmp_path / "rows.jsonl"
     done = subprocess.run(

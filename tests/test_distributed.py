@@ -119,6 +119,7 @@ def test_ddp_global_negatives_give_the_one_process_loss_and_gradients(one_proces
     _assert_same_step(one_process, ddp)
 
 
+@pytest.mark.slow  # 26 s: the check's own mutation test; the default suite keeps under 20 minutes
 def test_a_gather_that_keeps_only_the_local_gradient_fails_the_gradient_check(synth, one_process, tmp_path) -> None:
     broken = _two_ranks(synth, tmp_path, DDP, local_gradient_gather=True)
     (one,), two = ranks(one_process), ranks(broken)
@@ -173,6 +174,7 @@ def fsdp_frozen(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # 26 s
 def test_fsdp_resumes_from_its_sharded_checkpoint_as_if_never_stopped(synth, fsdp_frozen, tmp_path) -> None:
     # Validating at the same steps as the interrupted run (Lightning's loop state at the checkpoint depends on it).
     vdr(*fit_args(synth, "straight", devices=2, batch=PER_RANK_BATCH, steps=4, val_every=2), *FSDP, *FROZEN,
@@ -230,7 +232,7 @@ def odd_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "eval"
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # fsdp: 39 s
 def test_distributed_ndcg_equals_one_process(strategy, synth, one_process, odd_eval, tmp_path) -> None:
     checkpoint = one_process.parent / "checkpoints/one/version_0/checkpoints/last.ckpt"
     args = ["validate", *STACK, "--data.eval", str(odd_eval), "--data.eval_batch_size", "3", "--ckpt_path",
@@ -296,7 +298,7 @@ def torchrun(*args: str, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, po
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}", *args]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])  # ddp: 30 s
 def test_a_rank_whose_batch_has_no_image_does_not_hang(mode: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(TESTS / "distributed_text_only.py")
@@ -310,6 +312,7 @@ def test_a_rank_whose_batch_has_no_image_does_not_hang(mode: str) -> None:
     assert broken.returncode != 0
 
 
+@pytest.mark.slow  # 18 s
 def test_two_nodes_take_the_steps_of_one_node_with_two_processes(synth, ddp, tmp_path) -> None:
     """Two launches of scripts/slurm/torchrun.sh with NNODES=2 on 127.0.0.1 (one process each) against the
     Lightning-launched 2-process run of the same config: the same losses at every step."""
@@ -330,6 +333,7 @@ def test_two_nodes_take_the_steps_of_one_node_with_two_processes(synth, ddp, tmp
         assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-6)
 
 
+@pytest.mark.slow  # 26 s
 def test_slurm_submission_takes_nodes_and_gpus_from_the_config(tmp_path) -> None:
     fake = tmp_path / "bin"
     fake.mkdir()
