@@ -118,6 +118,13 @@ def test_gradient_checkpointing_changes_no_gradient_and_recomputes_each_layer(ro
     assert calls == {"text": 4, "vision": 2}
 
 
+def test_tiled_vision_checkpoints_under_gradcache_give_the_plain_gradients(rows8: Path, plain: Gradients) -> None:
+    # Mini-batches of 3 pages, each vision block checkpointed over tiles of 2 pages and 1 (vdr.models.vision_tiles).
+    ours = one_step(rows8, mini_batch_size=3, gradient_checkpointing_text=True, gradient_checkpointing_vision=True,
+                    vision_checkpoint_images=2)
+    assert_same_gradients(ours, plain)
+
+
 def test_replays_draw_the_same_dropout_masks_as_the_cached_pass(tiny_backbone, processor_batch) -> None:
     """With dropout on, GradCache's gradients equal those of embedding the same mini-batches with gradients in the same
     order; replaying without restoring the random state gives other masks and other gradients."""

@@ -4,7 +4,8 @@ Each setting runs ``BiEncoderModule`` under Lightning's ``Trainer.fit`` for a wa
 on synthetic pages (one hard negative per query), and prints one row: samples/s, median step time and peak memory.
 A setting is ``MODE:BATCH[:MINI_BATCH][:FLAG...]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
 sequences, gradient checkpointing in both towers). Flags: ``gc`` (checkpointing), ``off`` (activation offloading),
-``tN`` (GradCache mini-batches of at most N tokens; ``cached:64:-:t2800`` bounds them by tokens alone), ``dev`` or
+``tN`` (GradCache mini-batches of at most N tokens; ``cached:64:-:t2800`` bounds them by tokens alone), ``vN`` (with
+``gc``: each vision block checkpointed over tiles of N images, ``vdr.models.vision_tiles``), ``dev`` or
 ``proc`` (pages become patches on the device or in the workers; default ``--page-preprocessing``), ``prof`` (one
 more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
 ``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host).
@@ -59,6 +60,7 @@ class Setting:
     pages: str | None = None  # device or processor; None: --page-preprocessing
     profile: bool = False
     host_metadata: bool = True  # the collator's host-side rope positions and vision segments (nohost: the model's)
+    vision_images: int | None = None  # vN: vision-block checkpoints over tiles of N images
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -85,9 +87,13 @@ class Setting:
                 setting.pages = {"dev": "device", "proc": "processor"}[flag]
             elif flag[:1] == "t" and flag[1:].isdigit() and mode == "cached":
                 setting.tokens = int(flag[1:])
+            elif flag[:1] == "v" and flag[1:].isdigit() and int(flag[1:]) > 0:
+                setting.vision_images = int(flag[1:])
             else:
-                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, dev, proc, prof, "
-                                                 "nohost)")
+                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, dev, "
+                                                 "proc, prof, nohost)")
+        if setting.vision_images and not setting.checkpointing:
+            raise argparse.ArgumentTypeError(f"{text!r}: vN tiles the vision checkpoints: add gc")
         if mode == "cached" and setting.mini_batch is None and setting.tokens is None:
             raise argparse.ArgumentTypeError(f"{text!r}: GradCache needs a mini-batch size or a token budget")
         return setting
@@ -97,6 +103,7 @@ class Setting:
         if self.mode == "cached":
             parts.append(str(self.mini_batch) if self.mini_batch else "-")
         parts += [f"t{self.tokens}"] if self.tokens else []
+        parts += [f"v{self.vision_images}"] if self.vision_images else []
         flags = (("gc", self.checkpointing), ("off", self.offload), ("nohost", not self.host_metadata),
                  ("prof", self.profile))
         parts += [flag for flag, on in flags if on]
@@ -234,7 +241,8 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     module.collator = EmbeddingCollator(module.processor, module.prompts, module.hparams.max_text_tokens, pages)
     if not setting.host_metadata:
         module.collator = WithoutHostMetadata(module.collator)
-    set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing)
+    set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing,
+                               vision_images=setting.vision_images)
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
     timer = StepTimer(profile_step=steps if setting.profile else None)
     steps += setting.profile

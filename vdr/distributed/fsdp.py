@@ -143,7 +143,8 @@ def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[t
     )
     trunk = module.trunk
     if options.activation_checkpointing:
-        set_gradient_checkpointing(trunk, text=True, vision=True)
+        set_gradient_checkpointing(trunk, text=True, vision=True,
+                                   vision_images=getattr(module, "vision_checkpoint_images", None))
     kwargs = {"mesh": dp_mesh, "mp_policy": policy, "reshard_after_forward": options.reshard_after_forward}
     for unit in [*trunk.visual.blocks, *trunk.language_model.layers]:
         fully_shard(unit, **kwargs)

@@ -67,6 +67,10 @@ class BiEncoderModule(VdrModule):
         lora: Train LoRA adapters (peft) instead of the full model; merged into the weights at export.
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
+        vision_checkpoint_images: With ``gradient_checkpointing_vision``, each vision block checkpoints groups of at
+            most this many images separately (``vdr.models.vision_tiles``): the same gradients, while the backward
+            holds one group's block activations at a time rather than the whole mini-batch's (the 2B model at
+            600x600 pages: ~70 MiB per page). None: one checkpoint per block.
         offload_activations: Keep what the training forward saves for the backward (with checkpointing: each layer's
             input) in pinned host memory rather than on the GPU (``vdr.models.offload``): GPU memory for larger
             mini-batches, at the cost of host-device copies. Only tensors on a GPU move.
@@ -103,6 +107,7 @@ class BiEncoderModule(VdrModule):
         lora: LoraOptions | dict | None = None,
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
+        vision_checkpoint_images: int | None = None,
         offload_activations: bool = False,
         page_preprocessing: PagePreprocessing = "device",
         nonfinite_loss: NonFiniteLoss = "stop",
@@ -126,6 +131,7 @@ class BiEncoderModule(VdrModule):
              "mini_batch_size": mini_batch_size, "mini_batch_tokens": mini_batch_tokens, "lora": lora_dict,
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
+             "vision_checkpoint_images": vision_checkpoint_images,
              "offload_activations": offload_activations,
              "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
@@ -149,7 +155,7 @@ class BiEncoderModule(VdrModule):
         self.offload = OffloadActivations() if offload_activations else None
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
-                    freeze_vision=freeze_vision)
+                    vision_images=vision_checkpoint_images, freeze_vision=freeze_vision)
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""

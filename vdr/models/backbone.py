@@ -19,6 +19,7 @@ from transformers.utils.generic import is_flash_attention_requested
 from vdr.models.inputs import vision_cu_seqlens
 from vdr.models.patch_embed import use_linear_patch_embed
 from vdr.models.processor import add_whole_word_tokens, build_processor, set_pixel_bounds
+from vdr.models.vision_tiles import tile_vision_checkpoints
 
 QWEN_VOCAB_SIZE = 151936
 IMAGE_TOKEN_ID = 151655
@@ -296,11 +297,20 @@ def _tensors(output) -> list[torch.Tensor]:
     return [t for value in values for t in _tensors(value)]
 
 
-def set_gradient_checkpointing(trunk: Qwen3VLModel, *, text: bool, vision: bool) -> None:
+def set_gradient_checkpointing(trunk: Qwen3VLModel, *, text: bool, vision: bool,
+                              vision_images: int | None = None) -> None:
     """Recomputes each decoder layer (``text``) and each vision block (``vision``) in the backward instead of keeping
     their activations: non-reentrant ``torch.utils.checkpoint``, active in training mode only. Gradients are unchanged;
-    the cost is one more forward of the checkpointed tower."""
-    for tower, enabled in ((trunk.language_model, text), (trunk.visual, vision)):
+    the cost is one more forward of the checkpointed tower.
+
+    ``vision_images``: each vision block checkpoints groups of at most this many images separately, so the backward
+    holds one group's activations at a time (``vdr.models.vision_tiles``). Needs ``vision``.
+    """
+    if vision_images is not None and not vision:
+        raise ValueError("vision_checkpoint_images needs gradient checkpointing of the vision tower")
+    tile_vision_checkpoints(trunk.visual, vision_images)  # None: the released blocks
+    # Tiled blocks checkpoint themselves; transformers' switch stays off for them.
+    for tower, enabled in ((trunk.language_model, text), (trunk.visual, vision and vision_images is None)):
         # transformers 5.2x renamed the switch (the old name warns); the benchmark machines' 5.17 has only the old one.
         if hasattr(tower, "activation_checkpointing_enable"):
             on, off, active = (tower.activation_checkpointing_enable, tower.activation_checkpointing_disable,
