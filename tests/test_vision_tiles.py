@@ -115,7 +115,7 @@ def test_tiles_bound_the_backwards_memory() -> None:
     whole, *tiled = (peak_mib(images) for images in (None, 4, 2, 1))
     print(f"peak above parameters and gradients: {whole:.1f} MiB; with tiles of 4, 2, 1 pages: "
           + ", ".join(f"{peak:.1f}" for peak in tiled))
-    # Measured: 87.8 MiB; 69.7, 53.7, 46.7. What is left at 1 page is the rest of the step (the token-embedding
+    # Measured: 87.8 MiB; 67.7, 52.7, 46.2. What is left at 1 page is the rest of the step (the token-embedding
     # gradient, the mergers' activations, the checkpointed inputs).
     assert whole > tiled[0] > tiled[1] > tiled[2]
     assert tiled[1] < 0.7 * whole

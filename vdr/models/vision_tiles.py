@@ -41,15 +41,18 @@ class TiledCheckpointBlock:
             return block_forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
         # Image boundaries in the packed patches: a host tensor in vdr's pipeline (a GPU one costs a read per block).
         bounds = cu_seqlens.tolist()
+        firsts = range(0, len(bounds) - 1, self.tile_images)
+        lasts = [min(first + self.tile_images, len(bounds) - 1) for first in firsts]
+        # One split (its backward concatenates the tiles' gradients once; slices would each zero-fill a full-size one).
+        tiles = hidden_states.split([bounds[last] - bounds[first] for first, last in zip(firsts, lasts)])
         outputs = []
-        for first in range(0, len(bounds) - 1, self.tile_images):
-            last = min(first + self.tile_images, len(bounds) - 1)
+        for tile, first, last in zip(tiles, firsts, lasts):
             start, stop = bounds[first], bounds[last]
             tile_seqlens = cu_seqlens[first : last + 1] - start
             tile_positions = None if position_embeddings is None else tuple(
                 t[start:stop] for t in position_embeddings)
-            outputs.append(checkpoint(block_forward, hidden_states[start:stop], tile_seqlens, tile_positions,
-                                      use_reentrant=False, **kwargs))
+            outputs.append(checkpoint(block_forward, tile, tile_seqlens, tile_positions, use_reentrant=False,
+                                      **kwargs))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -59,19 +62,28 @@ def _tiled_class(cls: type) -> type:
     return _TILED_CLASSES[cls]
 
 
+def _released_class(tiled: type) -> type:
+    for cls, ours in _TILED_CLASSES.items():
+        if ours is tiled:
+            return cls
+    raise ValueError(f"cannot remove vision-checkpoint tiles from a {tiled.__name__} (e.g. after FSDP's fully_shard "
+                     "wrapped the tiled block): set them before sharding")
+
+
 def tile_vision_checkpoints(visual: nn.Module, images: int | None) -> None:
     """Checkpoints each block of ``visual`` (a ``Qwen3VLVisionModel``) over at most ``images`` images at a time.
 
     Call it with transformers' checkpointing of the vision tower off (``set_gradient_checkpointing`` does); None puts
-    the released blocks back. The blocks keep their parameters, names and state dict.
+    the released blocks back. The blocks keep their parameters, names and state dict. A video's frames count as images
+    (its attention segments are per frame). The tiled class is made at run time: ``torch.save`` of a whole module
+    (rather than its state dict) cannot pickle it.
     """
     if images is not None and images < 1:
         raise ValueError(f"vision_checkpoint_images must be >= 1 (or null), got {images}")
     for block in visual.blocks:
         tiled = isinstance(block, TiledCheckpointBlock)
         if images is None and tiled:
-            block.__class__ = next(base for base in type(block).__mro__[1:]
-                                   if not issubclass(base, TiledCheckpointBlock))
+            block.__class__ = _released_class(type(block))
             del block.tile_images
         elif images is not None:
             if not tiled:
