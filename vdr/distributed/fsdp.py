@@ -143,8 +143,8 @@ def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[t
     )
     trunk = module.trunk
     if options.activation_checkpointing:
-        set_gradient_checkpointing(trunk, text=True, vision=True,
-                                   vision_images=getattr(module, "vision_checkpoint_images", None))
+        tiles = getattr(trunk.visual.blocks[0], "tile_images", None)  # vision-checkpoint tiles set by the module
+        set_gradient_checkpointing(trunk, text=True, vision=True, vision_images=tiles)
     kwargs = {"mesh": dp_mesh, "mp_policy": policy, "reshard_after_forward": options.reshard_after_forward}
     for unit in [*trunk.visual.blocks, *trunk.language_model.layers]:
         fully_shard(unit, **kwargs)

@@ -254,7 +254,6 @@ class VdrModule(L.LightningModule):
             if lora.vision == "trained":
                 trunk.visual.requires_grad_(True)
         set_gradient_checkpointing(trunk, text=checkpoint_text, vision=checkpoint_vision, vision_images=vision_images)
-        self.vision_checkpoint_images = vision_images  # FSDP's activation checkpointing keeps the tiles
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> VdrModule:
