@@ -128,19 +128,20 @@ def test_a_gather_that_keeps_only_the_local_gradient_fails_the_gradient_check(sy
         _assert_same_step(one_process, broken)  # the gradients are not
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp-sparse", "fsdp"])
 def test_gradcache_on_two_ranks_takes_the_one_process_plain_step(strategy, synth, one_process, ddp, tmp_path) -> None:
     """GradCache in mini-batches of 3 sequences (4 queries and 8 pages per rank: 2 + 3 replays, the last ones short)
     with global negatives, under DDP and FSDP2, gives the gradients of one process's plain step over the global batch;
-    under DDP with one gradient all-reduce per step, as the plain step's (the replays do not sync). Under FSDP2 also
-    with gradient checkpointing, each vision block checkpointed over tiles of 2 pages (vdr.models.vision_tiles): the
-    block's all-gather runs once per block call, however many tiles each rank has."""
+    under DDP with one gradient all-reduce per step, as the plain step's (the replays do not sync). ``ddp-sparse``
+    also hands the token table sparse gradients (vdr.models.sparse_embedding): DDP still reduces a dense one. Under
+    FSDP2 also with gradient checkpointing, each vision block checkpointed over tiles of 2 pages
+    (vdr.models.vision_tiles): the block's all-gather runs once per block call, however many tiles each rank has."""
     tiles = ["--model.gradient_checkpointing_text", "true", "--model.gradient_checkpointing_vision", "true",
              "--model.vision_checkpoint_images", "2"]
-    cached = _two_ranks(synth, tmp_path, [*(DDP if strategy == "ddp" else [*FSDP, *tiles]), "--model.mini_batch_size",
-                                          "3"])
+    extra = {"ddp": DDP, "ddp-sparse": [*DDP, "--model.sparse_embedding_grad", "true"], "fsdp": [*FSDP, *tiles]}
+    cached = _two_ranks(synth, tmp_path, [*extra[strategy], "--model.mini_batch_size", "3"])
     _assert_same_step(one_process, cached)
-    if strategy == "ddp":
+    if strategy != "fsdp":
         reductions = [r["first_step_reductions"] for r in ranks(cached)]
         assert reductions[0] >= 1 and reductions == [r["first_step_reductions"] for r in ranks(ddp)]
 

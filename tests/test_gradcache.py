@@ -125,6 +125,31 @@ def test_tiled_vision_checkpoints_under_gradcache_give_the_plain_gradients(rows8
     assert_same_gradients(ours, plain)
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 3], ids=["plain", "gradcache"])
+def test_sparse_embedding_gradients_give_the_plain_gradients(rows8: Path, plain: Gradients,
+                                                            mini_batch_size: int | None) -> None:
+    """``sparse_embedding_grad``: each backward hands the token table a sparse gradient (plain: one, the queries' and
+    pages' lookups summed; GradCache: one per replay, 3 + 6), and the optimizer sees the plain dense gradient."""
+    layouts = []
+
+    class IncomingLayouts(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            pl_module.trunk.get_input_embeddings().weight.register_hook(lambda grad: layouts.append(grad.layout))
+
+    L.seed_everything(0)
+    module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
+                             loss=InfoNCELoss(learnable_temperature=True), mini_batch_size=mini_batch_size,
+                             sparse_embedding_grad=True)
+    probe = Gradients()
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, IncomingLayouts()],
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows8), batch_size=8))
+    assert layouts == [torch.sparse_coo] * (1 if mini_batch_size is None else 9)
+    assert probe.grads["model.backbone.language_model.embed_tokens.weight"].layout == torch.strided
+    assert_same_gradients(probe, plain)
+
+
 def test_replays_draw_the_same_dropout_masks_as_the_cached_pass(tiny_backbone, processor_batch) -> None:
     """With dropout on, GradCache's gradients equal those of embedding the same mini-batches with gradients in the same
     order; replaying without restoring the random state gives other masks and other gradients."""

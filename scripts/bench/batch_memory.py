@@ -5,7 +5,8 @@ on synthetic pages (one hard negative per query), and prints one row: samples/s,
 A setting is ``MODE:BATCH[:MINI_BATCH][:FLAG...]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
 sequences, gradient checkpointing in both towers). Flags: ``gc`` (checkpointing), ``off`` (activation offloading),
 ``tN`` (GradCache mini-batches of at most N tokens; ``cached:64:-:t2800`` bounds them by tokens alone), ``vN`` (with
-``gc``: each vision block checkpointed over tiles of N images, ``vdr.models.vision_tiles``), ``dev`` or
+``gc``: each vision block checkpointed over tiles of N images, ``vdr.models.vision_tiles``), ``sparse`` (sparse
+token-embedding gradients, ``vdr.models.sparse_embedding``), ``dev`` or
 ``proc`` (pages become patches on the device or in the workers; default ``--page-preprocessing``), ``prof`` (one
 more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
 ``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host).
@@ -45,6 +46,7 @@ from vdr.data.schema import TrainExample
 from vdr.lit.biencoder import BackboneConfig, BiEncoderModule
 from vdr.models.backbone import set_gradient_checkpointing
 from vdr.models.offload import OffloadActivations
+from vdr.models.sparse_embedding import sparse_embedding_gradients
 
 WORDS = "revenue profit margin cash flow assets equity debt growth forecast segment quarter annual report".split()
 
@@ -61,6 +63,7 @@ class Setting:
     profile: bool = False
     host_metadata: bool = True  # the collator's host-side rope positions and vision segments (nohost: the model's)
     vision_images: int | None = None  # vN: vision-block checkpoints over tiles of N images
+    sparse_embedding: bool = False  # sparse: the token table's gradient added row by row
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -83,6 +86,8 @@ class Setting:
                 setting.profile = True
             elif flag == "nohost":
                 setting.host_metadata = False
+            elif flag == "sparse":
+                setting.sparse_embedding = True
             elif flag in ("dev", "proc"):
                 setting.pages = {"dev": "device", "proc": "processor"}[flag]
             elif flag[:1] == "t" and flag[1:].isdigit() and mode == "cached":
@@ -90,8 +95,8 @@ class Setting:
             elif flag[:1] == "v" and flag[1:].isdigit() and int(flag[1:]) > 0:
                 setting.vision_images = int(flag[1:])
             else:
-                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, dev, "
-                                                 "proc, prof, nohost)")
+                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, sparse, "
+                                                 "dev, proc, prof, nohost)")
         if setting.vision_images and not setting.checkpointing:
             raise argparse.ArgumentTypeError(f"{text!r}: vN tiles the vision checkpoints: add gc")
         if mode == "cached" and setting.mini_batch is None and setting.tokens is None:
@@ -104,8 +109,8 @@ class Setting:
             parts.append(str(self.mini_batch) if self.mini_batch else "-")
         parts += [f"t{self.tokens}"] if self.tokens else []
         parts += [f"v{self.vision_images}"] if self.vision_images else []
-        flags = (("gc", self.checkpointing), ("off", self.offload), ("nohost", not self.host_metadata),
-                 ("prof", self.profile))
+        flags = (("gc", self.checkpointing), ("off", self.offload), ("sparse", self.sparse_embedding),
+                 ("nohost", not self.host_metadata), ("prof", self.profile))
         parts += [flag for flag, on in flags if on]
         parts += [{"device": "dev", "processor": "proc"}[self.pages]] if self.pages else []
         return ":".join(parts)
@@ -243,6 +248,7 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
         module.collator = WithoutHostMetadata(module.collator)
     set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing,
                                vision_images=setting.vision_images)
+    sparse_embedding_gradients(module.trunk.get_input_embeddings(), setting.sparse_embedding)
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
     timer = StepTimer(profile_step=steps if setting.profile else None)
     steps += setting.profile

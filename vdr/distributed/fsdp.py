@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from vdr.lit.checkpoint_io import PARTIAL, recover_interrupted_swap, remove_stale_partials, sync_directory
 from vdr.models.backbone import set_gradient_checkpointing
+from vdr.models.sparse_embedding import has_sparse_gradients
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -131,6 +132,9 @@ def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[t
         The trainable parameters left unsharded (outside ``module.model``, or scalars), whose gradients the caller
         must average across ranks.
     """
+    if has_sparse_gradients(module.trunk.get_input_embeddings()):
+        raise ValueError("model.sparse_embedding_grad is for one device or DDP: FSDP2 reduce-scatters the dense "
+                         "gradient of each gathered weight, which the sparse lookup's hook does not reach; unset it")
     options = options or ShardingOptions()
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:

@@ -29,6 +29,7 @@ from vdr.models.inputs import EncoderInputs
 from vdr.models.lora import LoraOptions, lora_hparams
 from vdr.models.offload import OffloadActivations
 from vdr.models.prompts import EmbeddingPrompts
+from vdr.models.sparse_embedding import sparse_embedding_gradients
 
 CHECKPOINT_KIND = "biencoder"
 
@@ -71,6 +72,10 @@ class BiEncoderModule(VdrModule):
             most this many images separately (``vdr.models.vision_tiles``): the same gradients, while the backward
             holds one group's block activations at a time rather than the whole mini-batch's (the 2B model at
             600x600 pages: ~70 MiB per page). None: one checkpoint per block.
+        sparse_embedding_grad: The token-embedding table's gradient is added row by row into its dense ``.grad``
+            (``vdr.models.sparse_embedding``) rather than built whole in every backward: with GradCache, each replay
+            of the 2B model otherwise holds a dense 593 MiB temporary beside ``.grad``. Same gradients (summed in
+            another order). One device or DDP (FSDP2 refuses it); needs trainable token embeddings.
         offload_activations: Keep what the training forward saves for the backward (with checkpointing: each layer's
             input) in pinned host memory rather than on the GPU (``vdr.models.offload``): GPU memory for larger
             mini-batches, at the cost of host-device copies. Only tensors on a GPU move.
@@ -109,6 +114,7 @@ class BiEncoderModule(VdrModule):
         gradient_checkpointing_vision: bool = False,
         vision_checkpoint_images: int | None = None,
         offload_activations: bool = False,
+        sparse_embedding_grad: bool = False,
         page_preprocessing: PagePreprocessing = "device",
         nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
@@ -132,7 +138,7 @@ class BiEncoderModule(VdrModule):
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
              "vision_checkpoint_images": vision_checkpoint_images,
-             "offload_activations": offload_activations,
+             "offload_activations": offload_activations, "sparse_embedding_grad": sparse_embedding_grad,
              "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
         loaded = load_backbone(**asdict(self.backbone_config))
@@ -156,6 +162,7 @@ class BiEncoderModule(VdrModule):
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
                     vision_images=vision_checkpoint_images, freeze_vision=freeze_vision)
+        sparse_embedding_gradients(self.trunk.get_input_embeddings(), sparse_embedding_grad)
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""

@@ -1,0 +1,94 @@
+"""Sparse token-embedding gradients (``sparse_embedding_grad``): no dense temporary per backward, same gradients.
+
+The equivalence through a Lightning step (plain and GradCache) is in test_gradcache.py; under DDP in
+test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from vdr.data.collator import EmbeddingCollator
+from vdr.lit.biencoder import BackboneConfig, BiEncoderModule
+from vdr.models.biencoder import BiEncoder
+from vdr.models.sparse_embedding import SparseGradEmbedding, sparse_embedding_gradients
+
+from .conftest import TINY_PIXELS
+
+
+class NewTensorsShaped(TorchDispatchMode):
+    """Counts the dense tensors of one shape that ops make (not those they write in place or return as views)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.made = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.shape == self.shape
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.made.append(func.__name__)
+        return out
+
+
+def test_replays_make_no_dense_temporary_of_the_token_table(tiny_backbone) -> None:
+    """Three backward passes into one ``.grad``, as GradCache's replays run them.
+
+    Without sparse gradients every backward builds a dense gradient of the whole table (151,936 rows: 18.5 MiB for the
+    tiny model, 593 MiB of bf16 for the 2B one); from the second on it sits beside ``.grad`` until added in. With them,
+    the only dense table-sized tensor made is ``.grad`` itself, in the first backward; the gradient is the same.
+    """
+    pages = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(3)]
+    inputs = EmbeddingCollator(tiny_backbone.processor).encode_pages(pages, "Represent the page.",
+                                                                     ["revenue 2015", None, "a caption"])
+    model = BiEncoder(tiny_backbone.model).train()
+    embedding = model.trunk.get_input_embeddings()
+
+    def replays(sparse: bool) -> tuple[list[str], torch.Tensor]:
+        sparse_embedding_gradients(embedding, sparse)
+        model.zero_grad(set_to_none=True)
+        with NewTensorsShaped(embedding.weight.shape) as probe:
+            for weight in (1.0, -0.5, 2.0):
+                (model(inputs).sum() * weight).backward()
+        return probe.made, embedding.weight.grad.clone()
+
+    made, expected = replays(sparse=False)
+    assert made == ["embedding_dense_backward.default"] * 3  # the probe sees the temporaries
+    made, grad = replays(sparse=True)
+    assert made == ["_to_dense.default"]  # the first backward's sparse gradient becoming `.grad`
+    assert grad.layout == torch.strided
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_switching_keeps_the_weights_and_refuses_a_frozen_table(tiny_backbone) -> None:
+    embedding = tiny_backbone.model.get_input_embeddings()
+    names = tiny_backbone.model.state_dict().keys()
+    sparse_embedding_gradients(embedding, True)
+    assert isinstance(embedding, SparseGradEmbedding) and not embedding.sparse  # DDP reads `sparse`: dense buckets
+    assert tiny_backbone.model.state_dict().keys() == names
+    sparse_embedding_gradients(embedding, False)
+    assert type(embedding) is nn.Embedding and not embedding.weight._post_accumulate_grad_hooks
+    embedding.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="token embeddings are frozen"):
+        sparse_embedding_gradients(embedding, True)
+
+
+def test_the_module_refuses_it_with_frozen_embeddings_lora_and_fsdp() -> None:
+    from vdr.distributed.fsdp import shard_module
+
+    backbone = BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS)
+    with pytest.raises(ValueError, match="token embeddings are frozen"):
+        BiEncoderModule(backbone, freeze_token_embeddings=True, sparse_embedding_grad=True)
+    with pytest.raises(ValueError, match="token embeddings are frozen"):
+        BiEncoderModule(backbone, lora={"r": 4}, sparse_embedding_grad=True)
+    module = BiEncoderModule(backbone, sparse_embedding_grad=True)
+    with pytest.raises(ValueError, match="sparse_embedding_grad is for one device or DDP"):
+        shard_module(module, mesh=None)  # refused before the mesh is read
