@@ -134,10 +134,11 @@ def test_gradcache_on_two_ranks_takes_the_one_process_plain_step(strategy, synth
     with global negatives, under DDP and FSDP2, gives the gradients of one process's plain step over the global batch;
     under DDP with one gradient all-reduce per step, as the plain step's (the replays do not sync). ``ddp-sparse``
     also hands the token table sparse gradients (vdr.models.sparse_embedding): DDP still reduces a dense one. Under
-    FSDP2 also with gradient checkpointing, each vision block checkpointed over tiles of 2 pages
-    (vdr.models.vision_tiles): the block's all-gather runs once per block call, however many tiles each rank has."""
+    FSDP2 also with gradient checkpointing, each vision block checkpointed over tiles of 2 pages and each decoder layer
+    over tiles of 2 rows (vdr.models.checkpoint_tiles): a layer's all-gather runs once per layer call, however many
+    tiles each rank has."""
     tiles = ["--model.gradient_checkpointing_text", "true", "--model.gradient_checkpointing_vision", "true",
-             "--model.vision_checkpoint_images", "2"]
+             "--model.vision_checkpoint_images", "2", "--model.text_checkpoint_rows", "2"]
     extra = {"ddp": DDP, "ddp-sparse": [*DDP, "--model.sparse_embedding_grad", "true"], "fsdp": [*FSDP, *tiles]}
     cached = _two_ranks(synth, tmp_path, [*extra[strategy], "--model.mini_batch_size", "3"])
     _assert_same_step(one_process, cached)

@@ -118,10 +118,11 @@ def test_gradient_checkpointing_changes_no_gradient_and_recomputes_each_layer(ro
     assert calls == {"text": 4, "vision": 2}
 
 
-def test_tiled_vision_checkpoints_under_gradcache_give_the_plain_gradients(rows8: Path, plain: Gradients) -> None:
-    # Mini-batches of 3 pages, each vision block checkpointed over tiles of 2 pages and 1 (vdr.models.vision_tiles).
+def test_tiled_checkpoints_under_gradcache_give_the_plain_gradients(rows8: Path, plain: Gradients) -> None:
+    # Mini-batches of 3 sequences, each vision block checkpointed over tiles of 2 pages and 1, each decoder layer over
+    # tiles of 2 rows and 1 (vdr.models.checkpoint_tiles).
     ours = one_step(rows8, mini_batch_size=3, gradient_checkpointing_text=True, gradient_checkpointing_vision=True,
-                    vision_checkpoint_images=2)
+                    vision_checkpoint_images=2, text_checkpoint_rows=2)
     assert_same_gradients(ours, plain)
 
 

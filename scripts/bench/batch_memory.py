@@ -5,7 +5,8 @@ on synthetic pages (one hard negative per query), and prints one row: samples/s,
 A setting is ``MODE:BATCH[:MINI_BATCH][:FLAG...]``: ``plain:16``, ``cached:64:8:gc`` (GradCache in mini-batches of 8
 sequences, gradient checkpointing in both towers). Flags: ``gc`` (checkpointing), ``off`` (activation offloading),
 ``tN`` (GradCache mini-batches of at most N tokens; ``cached:64:-:t2800`` bounds them by tokens alone), ``vN`` (with
-``gc``: each vision block checkpointed over tiles of N images, ``vdr.models.vision_tiles``), ``sparse`` (sparse
+``gc``: each vision block checkpointed over tiles of N images, ``vdr.models.checkpoint_tiles``), ``rN`` (with
+``gc``: each decoder layer checkpointed over tiles of N rows), ``sparse`` (sparse
 token-embedding gradients, ``vdr.models.sparse_embedding``), ``dev`` or
 ``proc`` (pages become patches on the device or in the workers; default ``--page-preprocessing``), ``prof`` (one
 more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
@@ -63,6 +64,7 @@ class Setting:
     profile: bool = False
     host_metadata: bool = True  # the collator's host-side rope positions and vision segments (nohost: the model's)
     vision_images: int | None = None  # vN: vision-block checkpoints over tiles of N images
+    text_rows: int | None = None  # rN: decoder-layer checkpoints over tiles of N rows
     sparse_embedding: bool = False  # sparse: the token table's gradient added row by row
 
     @classmethod
@@ -86,6 +88,8 @@ class Setting:
                 setting.profile = True
             elif flag == "nohost":
                 setting.host_metadata = False
+            elif flag[:1] == "r" and flag[1:].isdigit() and int(flag[1:]) > 0:
+                setting.text_rows = int(flag[1:])
             elif flag == "sparse":
                 setting.sparse_embedding = True
             elif flag in ("dev", "proc"):
@@ -95,10 +99,10 @@ class Setting:
             elif flag[:1] == "v" and flag[1:].isdigit() and int(flag[1:]) > 0:
                 setting.vision_images = int(flag[1:])
             else:
-                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, sparse, "
+                raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, rN, sparse, "
                                                  "dev, proc, prof, nohost)")
-        if setting.vision_images and not setting.checkpointing:
-            raise argparse.ArgumentTypeError(f"{text!r}: vN tiles the vision checkpoints: add gc")
+        if (setting.vision_images or setting.text_rows) and not setting.checkpointing:
+            raise argparse.ArgumentTypeError(f"{text!r}: vN and rN tile the checkpoints: add gc")
         if mode == "cached" and setting.mini_batch is None and setting.tokens is None:
             raise argparse.ArgumentTypeError(f"{text!r}: GradCache needs a mini-batch size or a token budget")
         return setting
@@ -109,6 +113,7 @@ class Setting:
             parts.append(str(self.mini_batch) if self.mini_batch else "-")
         parts += [f"t{self.tokens}"] if self.tokens else []
         parts += [f"v{self.vision_images}"] if self.vision_images else []
+        parts += [f"r{self.text_rows}"] if self.text_rows else []
         flags = (("gc", self.checkpointing), ("off", self.offload), ("sparse", self.sparse_embedding),
                  ("nohost", not self.host_metadata), ("prof", self.profile))
         parts += [flag for flag, on in flags if on]
@@ -247,7 +252,7 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     if not setting.host_metadata:
         module.collator = WithoutHostMetadata(module.collator)
     set_gradient_checkpointing(module.trunk, text=setting.checkpointing, vision=setting.checkpointing,
-                               vision_images=setting.vision_images)
+                               vision_images=setting.vision_images, text_rows=setting.text_rows)
     sparse_embedding_gradients(module.trunk.get_input_embeddings(), setting.sparse_embedding)
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
     timer = StepTimer(profile_step=steps if setting.profile else None)
@@ -303,10 +308,10 @@ def reference_rows(path: str) -> list[dict]:
 
 def report(records: list[dict], reference: list[dict]) -> None:
     memory = "peak_gib" if records and "peak_gib" in records[0] else "step_peak_gib"
-    print(f"\n{'setting':<18} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20} {'data wait':>10}")
+    print(f"\n{'setting':<36} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20} {'data wait':>10}")
     for r in records:
         wait = r.get("data_wait_frac")
-        print(f"{r['setting']:<18} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
+        print(f"{r['setting']:<36} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
               f"{r.get(memory, float('nan')):>20.2f} {'-' if wait is None else f'{wait:.1%}':>10}")
     for ref in reference:
         name = f"reference {ref['mode']} batch {ref.get('batch_size')}"
@@ -314,7 +319,7 @@ def report(records: list[dict], reference: list[dict]) -> None:
         for r in records:
             ratio = r["samples_per_s"] / ref["samples_per_s"]
             mem = r.get("peak_gib", float("nan")) / ref["peak_mem_gib"] if ref.get("peak_mem_gib") else float("nan")
-            print(f"  {r['setting']:<18} {ratio:6.2f}x the samples/s, {mem:5.2f}x the peak memory")
+            print(f"  {r['setting']:<36} {ratio:6.2f}x the samples/s, {mem:5.2f}x the peak memory")
 
 
 def main() -> None:

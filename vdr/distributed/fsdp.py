@@ -147,8 +147,10 @@ def shard_module(module, mesh, options: ShardingOptions | None = None) -> list[t
     )
     trunk = module.trunk
     if options.activation_checkpointing:
-        tiles = getattr(trunk.visual.blocks[0], "tile_images", None)  # vision-checkpoint tiles set by the module
-        set_gradient_checkpointing(trunk, text=True, vision=True, vision_images=tiles)
+        # Checkpoint tiles set by the module (model.vision_checkpoint_images, model.text_checkpoint_rows) stay.
+        set_gradient_checkpointing(trunk, text=True, vision=True,
+                                   vision_images=getattr(trunk.visual.blocks[0], "tile_images", None),
+                                   text_rows=getattr(trunk.language_model.layers[0], "tile_rows", None))
     kwargs = {"mesh": dp_mesh, "mp_policy": policy, "reshard_after_forward": options.reshard_after_forward}
     for unit in [*trunk.visual.blocks, *trunk.language_model.layers]:
         fully_shard(unit, **kwargs)

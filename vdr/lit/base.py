@@ -244,7 +244,7 @@ class VdrModule(L.LightningModule):
             trunk.get_input_embeddings().requires_grad_(False)
 
     def _adapt(self, lora: LoraOptions | None, *, checkpoint_text: bool, checkpoint_vision: bool,
-               freeze_vision: bool, vision_images: int | None = None) -> None:
+               freeze_vision: bool, vision_images: int | None = None, text_rows: int | None = None) -> None:
         """Adds LoRA adapters to ``self.model.backbone`` and switches gradient checkpointing per tower."""
         trunk = self.trunk  # the same module before and after peft wraps the backbone (adapters are injected into it)
         if lora is not None:
@@ -253,7 +253,8 @@ class VdrModule(L.LightningModule):
             self.model.backbone = add_lora(self.model.backbone, lora)  # freezes every base weight
             if lora.vision == "trained":
                 trunk.visual.requires_grad_(True)
-        set_gradient_checkpointing(trunk, text=checkpoint_text, vision=checkpoint_vision, vision_images=vision_images)
+        set_gradient_checkpointing(trunk, text=checkpoint_text, vision=checkpoint_vision, vision_images=vision_images,
+                                   text_rows=text_rows)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike | dict, **overrides) -> VdrModule:

@@ -69,9 +69,12 @@ class BiEncoderModule(VdrModule):
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
         vision_checkpoint_images: With ``gradient_checkpointing_vision``, each vision block checkpoints groups of at
-            most this many images separately (``vdr.models.vision_tiles``): the same gradients, while the backward
+            most this many images separately (``vdr.models.checkpoint_tiles``): the same gradients, while the backward
             holds one group's block activations at a time rather than the whole mini-batch's (the 2B model at
             600x600 pages: ~70 MiB per page). None: one checkpoint per block.
+        text_checkpoint_rows: With ``gradient_checkpointing_text``, each decoder layer checkpoints groups of at most
+            this many rows (sequences) separately: the same gradients, while the backward holds one group's layer
+            activations at a time (the 2B model: ~45 MiB per row of 345 tokens). None: one checkpoint per layer.
         sparse_embedding_grad: The token-embedding table's gradient is added row by row into its dense ``.grad``
             (``vdr.models.sparse_embedding``) rather than built whole in every backward: with GradCache, each replay
             of the 2B model otherwise holds a dense 593 MiB temporary beside ``.grad``. Same gradients (summed in
@@ -113,6 +116,7 @@ class BiEncoderModule(VdrModule):
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
         vision_checkpoint_images: int | None = None,
+        text_checkpoint_rows: int | None = None,
         offload_activations: bool = False,
         sparse_embedding_grad: bool = False,
         page_preprocessing: PagePreprocessing = "device",
@@ -138,6 +142,7 @@ class BiEncoderModule(VdrModule):
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
              "vision_checkpoint_images": vision_checkpoint_images,
+             "text_checkpoint_rows": text_checkpoint_rows,
              "offload_activations": offload_activations, "sparse_embedding_grad": sparse_embedding_grad,
              "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
@@ -161,7 +166,7 @@ class BiEncoderModule(VdrModule):
         self.offload = OffloadActivations() if offload_activations else None
         self._freeze(self.model.backbone, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
-                    vision_images=vision_checkpoint_images, freeze_vision=freeze_vision)
+                    vision_images=vision_checkpoint_images, text_rows=text_checkpoint_rows, freeze_vision=freeze_vision)
         sparse_embedding_gradients(self.trunk.get_input_embeddings(), sparse_embedding_grad)
 
     def forward(self, inputs) -> torch.Tensor:

@@ -46,9 +46,12 @@ class RerankerModule(VdrModule):
         gradient_checkpointing_text: Recompute each decoder layer in the backward instead of keeping its activations.
         gradient_checkpointing_vision: Recompute each vision block in the backward.
         vision_checkpoint_images: With ``gradient_checkpointing_vision``, each vision block checkpoints groups of at
-            most this many images separately (``vdr.models.vision_tiles``): the same gradients, while the backward
+            most this many images separately (``vdr.models.checkpoint_tiles``): the same gradients, while the backward
             holds one group's block activations at a time rather than the whole mini-batch's (the 2B model at
             600x600 pages: ~70 MiB per page). None: one checkpoint per block.
+        text_checkpoint_rows: With ``gradient_checkpointing_text``, each decoder layer checkpoints groups of at most
+            this many rows (sequences) separately: the same gradients, while the backward holds one group's layer
+            activations at a time (the 2B model: ~45 MiB per row of 345 tokens). None: one checkpoint per layer.
         page_preprocessing: ``"device"``: DataLoader workers only decode pages; resizing, normalization and patching
             run on the training device at the forward, bit-identical to the HF processor on the CPU
             (``vdr.data.pages``). ``"processor"``: the HF image processor does it in the workers.
@@ -75,6 +78,7 @@ class RerankerModule(VdrModule):
         gradient_checkpointing_text: bool = False,
         gradient_checkpointing_vision: bool = False,
         vision_checkpoint_images: int | None = None,
+        text_checkpoint_rows: int | None = None,
         page_preprocessing: PagePreprocessing = "device",
         nonfinite_loss: NonFiniteLoss = "stop",
     ) -> None:
@@ -92,6 +96,7 @@ class RerankerModule(VdrModule):
              "gradient_checkpointing_text": gradient_checkpointing_text,
              "gradient_checkpointing_vision": gradient_checkpointing_vision,
              "vision_checkpoint_images": vision_checkpoint_images,
+             "text_checkpoint_rows": text_checkpoint_rows,
              "page_preprocessing": page_preprocessing, "nonfinite_loss": nonfinite_loss}
         )
         loaded = load_backbone(**asdict(self.backbone_config), lm_head=True)
@@ -104,7 +109,7 @@ class RerankerModule(VdrModule):
         self._configure_training(optimizer, warmup_ratio, decay, min_lr_ratio, nonfinite_loss)
         self._freeze(loaded.trunk, vision=freeze_vision, token_embeddings=freeze_token_embeddings)
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
-                    vision_images=vision_checkpoint_images, freeze_vision=freeze_vision)
+                    vision_images=vision_checkpoint_images, text_rows=text_checkpoint_rows, freeze_vision=freeze_vision)
 
     def setup(self, stage: str) -> None:
         # Loss and data must fit each other; checked here, after the data module's setup and before any step.

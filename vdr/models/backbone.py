@@ -16,10 +16,10 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
 from transformers.utils.generic import is_flash_attention_requested
 
+from vdr.models.checkpoint_tiles import tile_text_checkpoints, tile_vision_checkpoints
 from vdr.models.inputs import vision_cu_seqlens
 from vdr.models.patch_embed import use_linear_patch_embed
 from vdr.models.processor import add_whole_word_tokens, build_processor, set_pixel_bounds
-from vdr.models.vision_tiles import tile_vision_checkpoints
 
 QWEN_VOCAB_SIZE = 151936
 IMAGE_TOKEN_ID = 151655
@@ -298,19 +298,24 @@ def _tensors(output) -> list[torch.Tensor]:
 
 
 def set_gradient_checkpointing(trunk: Qwen3VLModel, *, text: bool, vision: bool,
-                              vision_images: int | None = None) -> None:
+                              vision_images: int | None = None, text_rows: int | None = None) -> None:
     """Recomputes each decoder layer (``text``) and each vision block (``vision``) in the backward instead of keeping
     their activations: non-reentrant ``torch.utils.checkpoint``, active in training mode only. Gradients are unchanged;
     the cost is one more forward of the checkpointed tower.
 
-    ``vision_images``: each vision block checkpoints groups of at most this many images separately, so the backward
-    holds one group's activations at a time (``vdr.models.vision_tiles``). Needs ``vision``.
+    ``vision_images`` / ``text_rows``: each vision block checkpoints groups of at most this many images, and each
+    decoder layer groups of at most this many rows, separately, so the backward holds one group's activations at a
+    time (``vdr.models.checkpoint_tiles``). Each needs its tower's checkpointing.
     """
     if vision_images is not None and not vision:
         raise ValueError("vision_checkpoint_images needs gradient checkpointing of the vision tower")
+    if text_rows is not None and not text:
+        raise ValueError("text_checkpoint_rows needs gradient checkpointing of the text tower")
     tile_vision_checkpoints(trunk.visual, vision_images)  # None: the released blocks
-    # Tiled blocks checkpoint themselves; transformers' switch stays off for them.
-    for tower, enabled in ((trunk.language_model, text), (trunk.visual, vision and vision_images is None)):
+    tile_text_checkpoints(trunk.language_model, text_rows)
+    # Tiled layers checkpoint themselves; transformers' switch stays off for them.
+    for tower, enabled in ((trunk.language_model, text and text_rows is None),
+                           (trunk.visual, vision and vision_images is None)):
         # transformers 5.2x renamed the switch (the old name warns); the benchmark machines' 5.17 has only the old one.
         if hasattr(tower, "activation_checkpointing_enable"):
             on, off, active = (tower.activation_checkpointing_enable, tower.activation_checkpointing_disable,

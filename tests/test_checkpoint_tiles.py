@@ -1,7 +1,9 @@
-"""Vision-block checkpoints over groups of images (``vision_checkpoint_images``): same gradients, a smaller backward."""
+"""Checkpoints over groups of images (``vision_checkpoint_images``) and of rows (``text_checkpoint_rows``): same
+gradients, a smaller backward."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -11,8 +13,8 @@ from PIL import Image
 from vdr.data.collator import EmbeddingCollator
 from vdr.models.backbone import PRESETS, build_processor, set_gradient_checkpointing
 from vdr.models.biencoder import BiEncoder
+from vdr.models.checkpoint_tiles import TiledCheckpointBlock, TiledCheckpointDecoderLayer
 from vdr.models.inputs import EncoderInputs
-from vdr.models.vision_tiles import TiledCheckpointBlock
 
 
 def pages_of_several_sizes() -> EncoderInputs:
@@ -119,3 +121,102 @@ def test_tiles_bound_the_backwards_memory() -> None:
     # gradient, the mergers' activations, the checkpointed inputs).
     assert whole > tiled[0] > tiled[1] > tiled[2]
     assert tiled[1] < 0.7 * whole
+
+
+def test_tiled_text_checkpoints_give_the_same_embeddings_and_gradients(tiny_backbone) -> None:
+    """5 rows of several lengths (padded, with images and deepstack features) in decoder checkpoints of 1, 2 and 5
+    rows, also with the vision tiles: the embeddings and every gradient are unchanged."""
+    model = BiEncoder(tiny_backbone.model).train()
+    inputs = pages_of_several_sizes()
+    assert len(set(inputs.attention_mask.sum(1).tolist())) > 2
+    reference, expected, _ = gradients(model, inputs, text=True, vision=True)
+    calls = []
+    layer = model.trunk.language_model.layers[0]
+    for rows, images in ((1, None), (2, None), (5, None), (2, 3)):
+        calls.clear()
+        hook = layer.input_layernorm.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+        embeddings, grads, _ = gradients(model, inputs, text=True, vision=True, text_rows=rows, vision_images=images)
+        hook.remove()
+        assert isinstance(layer, TiledCheckpointDecoderLayer) and not layer.gradient_checkpointing
+        tiles = [min(rows, 5 - first) for first in range(0, 5, rows)]
+        assert calls == tiles + tiles[::-1]  # the forward's tiles; the backward recomputes them one by one, last first
+        torch.testing.assert_close(embeddings, reference, atol=1e-6, rtol=1e-5)
+        assert grads.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6 * max(1.0, float(grad.abs().max())), rtol=1e-4,
+                                       msg=name)
+    trunk = model.trunk
+    set_gradient_checkpointing(trunk, text=True, vision=True)
+    assert not any(isinstance(layer, TiledCheckpointDecoderLayer) for layer in trunk.language_model.layers)
+    assert all(layer.gradient_checkpointing for layer in trunk.language_model.layers)
+    with pytest.raises(ValueError, match="needs gradient checkpointing of the text tower"):
+        set_gradient_checkpointing(trunk, text=False, vision=True, text_rows=2)
+    with pytest.raises(ValueError, match="text_checkpoint_rows must be >= 1"):
+        set_gradient_checkpointing(trunk, text=True, vision=True, text_rows=0)
+
+
+def test_text_tiles_bound_the_backwards_memory() -> None:
+    """Peak memory of a checkpointed forward and backward over 8 rows of 200 tokens, by MemTracker on the CPU.
+
+    A decoder 512 wide (MLP 2048) makes the recompute of one layer over all rows the largest transient, as the 2B
+    model's decoder over 16 page rows is on a GPU; with tiles of 2 rows the backward holds about a quarter of it.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from transformers import Qwen3VLModel
+
+    preset = replace(PRESETS["tiny"], text_hidden=512, text_heads=8, text_kv_heads=4, head_dim=64,
+                     text_intermediate=2048, mrope_section=(12, 10, 10))
+    torch.manual_seed(0)
+    model = BiEncoder(Qwen3VLModel(preset.config())).train()
+    # A table of 4,096 rows, not 151,936: that one's dense gradient (297 MiB at this width) would be the peak.
+    model.trunk.language_model.embed_tokens = torch.nn.Embedding(4096, 512)
+    collator = EmbeddingCollator(build_processor(32 * 32, 64 * 64), max_text_tokens=256)
+    inputs = collator.encode_texts([" ".join(["revenue"] * (190 + i)) for i in range(8)], "Find the page.")
+    assert inputs.input_ids.shape[0] == 8 and inputs.input_ids.shape[1] > 190
+    inputs = dataclasses.replace(inputs, input_ids=inputs.input_ids % 4096)
+
+    def peak_mib(text_rows: int | None) -> float:
+        """The step's peak above the parameters and their gradients, in MiB."""
+        set_gradient_checkpointing(model.trunk, text=True, vision=True, text_rows=text_rows)
+        model.zero_grad(set_to_none=True)
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            model(inputs).sum().backward()
+        peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+        return (peak["Total"] - sum(v for k, v in peak.items() if str(k).split(".")[-1] in ("PARAM", "GRAD"))) / 2**20
+
+    whole, *tiled = (peak_mib(rows) for rows in (None, 4, 2, 1))
+    print(f"peak above parameters and gradients: {whole:.1f} MiB; with tiles of 4, 2, 1 rows: "
+          + ", ".join(f"{peak:.1f}" for peak in tiled))
+    assert whole > tiled[0] > tiled[1] > tiled[2]
+    assert tiled[1] < 0.7 * whole
+
+
+def test_the_reranker_scores_and_learns_the_same_through_tiles() -> None:
+    """The reranker's trunk (under its LM head) tiled by 1 page and 1 row: the same scores and gradients."""
+    import copy
+    import random
+
+    from vdr.data.rerank_collator import RerankCollator
+    from vdr.data.synth import render_page
+    from vdr.models.backbone import load_backbone
+    from vdr.models.reranker import Reranker
+
+    backbone = load_backbone("tiny", min_pixels=64 * 64, max_pixels=64 * 64, lm_head=True)
+    pages = [render_page("Acme", "Revenue", 2015 + i, random.Random(i), size=64) for i in range(3)]
+    inputs = RerankCollator(backbone.processor).encode_pairs(["Acme revenue 2015", "Acme 2016", "revenue"], pages)
+    results = []
+    for tiles in ({}, {"vision_images": 1, "text_rows": 1}):
+        reranker = Reranker(copy.deepcopy(backbone.model), 9693, 2152).train()
+        set_gradient_checkpointing(reranker.trunk, text=True, vision=True, **tiles)
+        assert isinstance(reranker.trunk.language_model.layers[0], TiledCheckpointDecoderLayer) == bool(tiles)
+        scores = reranker(inputs)  # [3]
+        (scores * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((scores.detach(), {n: p.grad for n, p in reranker.named_parameters() if p.grad is not None}))
+    (expected, reference), (scores, grads) = results
+    torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == reference.keys()
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6 * max(1.0, float(grad.abs().max())), rtol=1e-4,
+                                   msg=name)
