@@ -10,7 +10,9 @@ sequences, gradient checkpointing in both towers). Flags: ``gc`` (checkpointing)
 token-embedding gradients, ``vdr.models.sparse_embedding``), ``dev`` or
 ``proc`` (pages become patches on the device or in the workers; default ``--page-preprocessing``), ``prof`` (one
 more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
-``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host).
+``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host),
+``mem`` (GPU: one more step under torch's memory history; prints what was allocated at its peak, grouped by the code
+that allocated it, and writes the snapshot for https://pytorch.org/memory_viz next to ``--out``).
 
 CPU, tiny preset (each setting in a fresh process; memory = a training step's peak resident memory above its start):
     python scripts/bench/batch_memory.py --preset tiny --settings plain:8 plain:32 cached:32:8 cached:128:8
@@ -62,6 +64,7 @@ class Setting:
     offload: bool = False
     pages: str | None = None  # device or processor; None: --page-preprocessing
     profile: bool = False
+    memory: bool = False  # mem: one more step under the CUDA memory history
     host_metadata: bool = True  # the collator's host-side rope positions and vision segments (nohost: the model's)
     vision_images: int | None = None  # vN: vision-block checkpoints over tiles of N images
     text_rows: int | None = None  # rN: decoder-layer checkpoints over tiles of N rows
@@ -86,6 +89,8 @@ class Setting:
                 setting.offload = True
             elif flag == "prof":
                 setting.profile = True
+            elif flag == "mem":
+                setting.memory = True
             elif flag == "nohost":
                 setting.host_metadata = False
             elif flag[:1] == "r" and flag[1:].isdigit() and int(flag[1:]) > 0:
@@ -100,7 +105,7 @@ class Setting:
                 setting.vision_images = int(flag[1:])
             else:
                 raise argparse.ArgumentTypeError(f"{text!r}: unknown flag {flag!r} (gc, off, tN, vN, rN, sparse, "
-                                                 "dev, proc, prof, nohost)")
+                                                 "dev, proc, prof, mem, nohost)")
         if (setting.vision_images or setting.text_rows) and not setting.checkpointing:
             raise argparse.ArgumentTypeError(f"{text!r}: vN and rN tile the checkpoints: add gc")
         if mode == "cached" and setting.mini_batch is None and setting.tokens is None:
@@ -115,7 +120,7 @@ class Setting:
         parts += [f"v{self.vision_images}"] if self.vision_images else []
         parts += [f"r{self.text_rows}"] if self.text_rows else []
         flags = (("gc", self.checkpointing), ("off", self.offload), ("sparse", self.sparse_embedding),
-                 ("nohost", not self.host_metadata), ("prof", self.profile))
+                 ("nohost", not self.host_metadata), ("prof", self.profile), ("mem", self.memory))
         parts += [flag for flag, on in flags if on]
         parts += [{"device": "dev", "processor": "proc"}[self.pages]] if self.pages else []
         return ":".join(parts)
@@ -149,8 +154,9 @@ class Pages(torch.utils.data.Dataset):
 class StepTimer(L.Callback):
     """Step times; on the CPU also each step's peak resident memory above its start (the batch already loaded)."""
 
-    def __init__(self, profile_step: int | None = None) -> None:
+    def __init__(self, profile_step: int | None = None, memory_step: int | None = None) -> None:
         self.profile_step, self.profiler = profile_step, None
+        self.memory_step, self.memory_snapshot = memory_step, None
         self.times: list[float] = []
         self.waits: list[float] = []  # end of the previous step to the start of this one: the data wait
         self.growth: list[float] = []
@@ -162,6 +168,9 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(pl_module)
+        if batch_idx == self.memory_step:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            return
         if batch_idx == self.profile_step:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if pl_module.device.type == "cuda":
@@ -180,6 +189,10 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._sync(pl_module)
+        if batch_idx == self.memory_step:
+            self.memory_snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            return
         if batch_idx == self.profile_step:
             self.profiled_s = time.perf_counter() - self.start
             self.profiler.__exit__(None, None, None)
@@ -255,8 +268,10 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
                                vision_images=setting.vision_images, text_rows=setting.text_rows)
     sparse_embedding_gradients(module.trunk.get_input_embeddings(), setting.sparse_embedding)
     steps = 1 + args.steps  # the first step allocates optimizer state and warms kernels up: not timed
-    timer = StepTimer(profile_step=steps if setting.profile else None)
-    steps += setting.profile
+    memory = setting.memory and args.device == "cuda"
+    timer = StepTimer(profile_step=steps if setting.profile else None,
+                      memory_step=steps + setting.profile if memory else None)
+    steps += setting.profile + memory
     data = torch.utils.data.DataLoader(Pages(setting.batch * steps, args.page), batch_size=setting.batch,
                                        collate_fn=module.collator, num_workers=args.workers,
                                        pin_memory=args.device == "cuda",
@@ -282,6 +297,8 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
               "data_wait_frac": round(sum(timer.waits) / (sum(timer.waits) + sum(timed)), 3) if timer.waits else None}
     if setting.profile:
         record.update(profile_summary(timer, setting, args))
+    if timer.memory_snapshot is not None:
+        record["peak_composition"] = memory_summary(timer.memory_snapshot, setting, args)
     if setting.offload:
         record["offloaded_gib_per_step"] = round(module.offload.bytes / 2**30 / steps, 2)
     if args.device == "cuda":
@@ -294,6 +311,62 @@ def run(module: BiEncoderModule, setting: Setting, args) -> dict:
     del trainer
     module.zero_grad(set_to_none=True)
     return record
+
+
+def peak_composition(snapshot: dict, top: int = 15) -> tuple[int, list[tuple[str, int, int]]]:
+    """What was allocated during a recorded step at its peak: ``(peak bytes above the step's start, [(code, bytes,
+    allocations), ...])``, largest first.
+
+    Replays the device's allocation trace (``torch.cuda.memory._snapshot()["device_traces"][0]``): an ``alloc`` adds
+    its block, a ``free_completed`` (or, in a trace without those, a ``free_requested``) removes it. Blocks are grouped
+    by the innermost Python frame in vdr, transformers or lightning code (else the innermost frame): a backward's
+    allocations carry the frame that called ``backward``.
+    """
+    trace = snapshot["device_traces"][0] if snapshot.get("device_traces") else []
+    free = "free_completed" if any(e["action"] == "free_completed" for e in trace) else "free_requested"
+
+    def replay(stop: int) -> tuple[dict[int, dict], int, int]:
+        """Blocks live after the first ``stop`` events; the peak over them and the event that reached it."""
+        live: dict[int, dict] = {}
+        total = peak = peak_at = 0
+        for i, event in enumerate(trace[:stop]):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+                if total > peak:
+                    peak, peak_at = total, i + 1
+            elif event["action"] == free and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+        return live, peak, peak_at
+
+    _, peak, peak_at = replay(len(trace))
+    at_peak = list(replay(peak_at)[0].values())  # a second pass: copying the live set at every new peak is quadratic
+    groups: dict[str, list[int]] = {}
+    for event in at_peak:
+        frames = event.get("frames") or []
+        ours = [f for f in frames if any(k in f["filename"] for k in ("/vdr/", "/transformers/", "/lightning/"))]
+        frame = (ours or frames or [None])[0]
+        code = f"{frame['filename'].rsplit('/site-packages/', 1)[-1]}:{frame['line']} {frame['name']}" if frame \
+            else "(no frame)"
+        group = groups.setdefault(code, [0, 0])
+        group[0] += event["size"]
+        group[1] += 1
+    ranked = sorted(((code, size, count) for code, (size, count) in groups.items()), key=lambda g: -g[1])
+    return peak, ranked[:top]
+
+
+def memory_summary(snapshot: dict, setting: Setting, args) -> list:
+    """Prints the recorded step's peak composition (and writes the snapshot next to --out); the rows, for the record."""
+    peak, groups = peak_composition(snapshot)
+    print(f"\n== {setting}: {peak / 2**30:.2f} GiB allocated at the recorded step's peak above its start", flush=True)
+    for code, size, count in groups:
+        print(f"  {size / 2**20:9.1f} MiB  {count:5d}x  {code}")
+    if args.out:
+        import pickle
+
+        with open(f"{os.path.splitext(args.out)[0]}-memory-{str(setting).replace(':', '_')}.pickle", "wb") as handle:
+            pickle.dump(snapshot, handle)
+    return [[code, round(size / 2**20, 1), count] for code, size, count in groups]
 
 
 def reference_rows(path: str) -> list[dict]:
