@@ -6,8 +6,19 @@ test_distributed.py.
 
 from __future__ import annotations
 
+import copy
+import pickle
+from types import SimpleNamespace
+
 import pytest
 import torch
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from PIL import Image
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,11 +85,35 @@ def test_switching_keeps_the_weights_and_refuses_a_frozen_table(tiny_backbone) -
     sparse_embedding_gradients(embedding, True)
     assert isinstance(embedding, SparseGradEmbedding) and not embedding.sparse  # DDP reads `sparse`: dense buckets
     assert tiny_backbone.model.state_dict().keys() == names
+    embedding(torch.tensor([[1, 2]]))
+    embedding(torch.tensor([[3]]))  # registers the hook once, not per lookup
+    assert len(embedding.weight._post_accumulate_grad_hooks) == 1
     sparse_embedding_gradients(embedding, False)
     assert type(embedding) is nn.Embedding and not embedding.weight._post_accumulate_grad_hooks
     embedding.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="token embeddings are frozen"):
         sparse_embedding_gradients(embedding, True)
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle", "new weight"])
+def test_copies_and_replaced_weights_still_get_a_dense_grad(copy_by: str) -> None:
+    """A tensor's hooks do not survive a deep copy or a pickle, and a new weight has none: the lookup adds the hook."""
+    torch.manual_seed(0)
+    plain = nn.Embedding(50, 8)
+    embedding = copy.deepcopy(plain)
+    sparse_embedding_gradients(embedding, True)
+    if copy_by == "deepcopy":
+        embedding = copy.deepcopy(embedding)
+    elif copy_by == "pickle":
+        embedding = pickle.loads(pickle.dumps(embedding))
+    else:
+        embedding.weight = nn.Parameter(plain.weight.detach().clone())
+    assert isinstance(embedding, SparseGradEmbedding)
+    for table in (plain, embedding):
+        for tokens in ([[1, 2, 2]], [[7, 1]], [[49]]):
+            (table(torch.tensor(tokens)) ** 2).sum().backward()
+    assert embedding.weight.grad.layout == torch.strided  # AdamW refuses a sparse gradient
+    torch.testing.assert_close(embedding.weight.grad, plain.weight.grad)
 
 
 def test_the_module_refuses_it_with_frozen_embeddings_lora_and_fsdp() -> None:
@@ -92,3 +127,12 @@ def test_the_module_refuses_it_with_frozen_embeddings_lora_and_fsdp() -> None:
     module = BiEncoderModule(backbone, sparse_embedding_grad=True)
     with pytest.raises(ValueError, match="sparse_embedding_grad is for one device or DDP"):
         shard_module(module, mesh=None)  # refused before the mesh is read
+    # Lightning calls `setup` before the strategy wraps the model. DeepSpeed is not installed: a bare instance.
+    for strategy in (FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        with pytest.raises(ValueError, match=f"one device or DDP, not {type(strategy).__name__}"):
+            module.setup("fit")
+        module.setup("validate")  # no backward there
+    for strategy in (SingleDeviceStrategy("cpu"), DDPStrategy()):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        module.setup("fit")

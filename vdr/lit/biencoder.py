@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, PagePreprocessing, RetrievalBatch
@@ -29,7 +29,7 @@ from vdr.models.inputs import EncoderInputs
 from vdr.models.lora import LoraOptions, lora_hparams
 from vdr.models.offload import OffloadActivations
 from vdr.models.prompts import EmbeddingPrompts
-from vdr.models.sparse_embedding import sparse_embedding_gradients
+from vdr.models.sparse_embedding import has_sparse_gradients, sparse_embedding_gradients
 
 CHECKPOINT_KIND = "biencoder"
 
@@ -168,6 +168,17 @@ class BiEncoderModule(VdrModule):
         self._adapt(lora, checkpoint_text=gradient_checkpointing_text, checkpoint_vision=gradient_checkpointing_vision,
                     vision_images=vision_checkpoint_images, text_rows=text_checkpoint_rows, freeze_vision=freeze_vision)
         sparse_embedding_gradients(self.trunk.get_input_embeddings(), sparse_embedding_grad)
+
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps or shards anything: only one device and DDP reduce the dense `.grad` that the
+        # sparse lookup's hook leaves (FSDP2 also refuses it in `shard_module`; DeepSpeed is a DDPStrategy).
+        strategy = self.trainer.strategy
+        if (stage == "fit" and has_sparse_gradients(self.trunk.get_input_embeddings())
+                and (not isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+                     or isinstance(strategy, DeepSpeedStrategy))):
+            raise ValueError(f"model.sparse_embedding_grad is for one device or DDP, not {type(strategy).__name__}: "
+                             "the token table's sparse gradients are made dense by a hook that other strategies' "
+                             "gradient reduction does not wait for; unset it")
 
     def forward(self, inputs) -> torch.Tensor:
         """``[B, D]`` unit-norm embeddings."""

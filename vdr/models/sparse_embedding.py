@@ -12,6 +12,9 @@ first backward of a step, which finds no ``.grad``, would store the sparse tenso
 and then, so the optimizer, gradient clipping, DDP's reduction and checkpoints see the dense gradient they always
 did. The values are the same sums, taken in another order (float rounding differs, in bf16 by an ulp).
 
+The lookup registers that hook itself, on the weight it finds, whenever the weight lacks it: a deep copy or a pickle of
+the module (which keep the class but drop a tensor's hooks) and a replaced weight stay dense where they should.
+
 The module's ``sparse`` attribute stays False on purpose: DDP reads it to expect sparse gradients for the parameter,
 while here the parameter's gradient is dense by the time DDP reduces it. FSDP2 reduce-scatters the gradient of its
 unsharded parameter, which this hook does not reach: :func:`vdr.distributed.fsdp.shard_module` refuses the option.
@@ -28,6 +31,8 @@ class SparseGradEmbedding(nn.Embedding):
     """``nn.Embedding`` whose lookup returns a sparse gradient that lands in a dense ``.grad`` (see the module)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad and not _hooked(self.weight):
+            self.weight.register_post_accumulate_grad_hook(_densify)
         return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, sparse=True)
 
@@ -36,6 +41,11 @@ def _densify(weight: torch.Tensor) -> None:
     """After a gradient is accumulated: a sparse ``.grad`` (the step's first) becomes dense; later ones add into it."""
     if weight.grad is not None and weight.grad.is_sparse:
         weight.grad = weight.grad.to_dense()
+
+
+def _hooked(weight: torch.Tensor) -> bool:
+    hooks = weight._post_accumulate_grad_hooks  # None until a hook is registered; copies and pickles start without
+    return hooks is not None and any(hook is _densify for hook in hooks.values())
 
 
 def sparse_embedding_gradients(embedding: nn.Embedding, enabled: bool) -> None:
@@ -54,12 +64,12 @@ def sparse_embedding_gradients(embedding: nn.Embedding, enabled: bool) -> None:
                              "freeze_token_embeddings or LoRA): they have no gradient to make sparse")
         if embedding.max_norm is not None:
             raise ValueError("sparse embedding gradients do not combine with an embedding's max_norm")
-        embedding.__class__ = SparseGradEmbedding
-        embedding._densify_hook = embedding.weight.register_post_accumulate_grad_hook(_densify)
+        embedding.__class__ = SparseGradEmbedding  # its first lookup registers the hook
     else:
         embedding.__class__ = nn.Embedding
-        embedding._densify_hook.remove()
-        del embedding._densify_hook
+        hooks = embedding.weight._post_accumulate_grad_hooks or {}
+        for key in [key for key, hook in hooks.items() if hook is _densify]:
+            del hooks[key]
 
 
 def has_sparse_gradients(embedding: nn.Module) -> bool:
