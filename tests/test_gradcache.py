@@ -288,3 +288,18 @@ def test_offloading_leaves_weights_and_expanded_views_where_they_are() -> None:
     assert offload.tensors == 1 and offload.bytes == x.numel() * 4  # x alone
     (y.sum() + z).backward()
     assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_offloading_moves_small_views_that_would_keep_a_large_tensor() -> None:
+    """A tile of rows (`checkpoint_tiles`) saved by its checkpoint is a small view of the whole batch's hidden states:
+    kept on the GPU, it would keep all of them there. Small tensors of their own stay."""
+    from vdr.models.offload import OffloadActivations
+
+    hidden = torch.randn(64, 100, 16, requires_grad=True)  # 400 KiB
+    tiles = (hidden * 1).split(1)  # 6.25 KiB each, views of a non-leaf as a layer's input is
+    offload = OffloadActivations(min_bytes=100_000, device_types=("cpu",))
+    with offload:
+        outputs = [tile.sin() for tile in tiles[:3]] + [torch.randn(100, 16, requires_grad=True).sin()]
+    assert offload.tensors == 3 and offload.bytes == 3 * tiles[0].numel() * 4
+    sum(out.sum() for out in outputs).backward()
+    torch.testing.assert_close(hidden.grad[:3], hidden[:3].detach().cos())

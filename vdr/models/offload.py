@@ -8,8 +8,9 @@ copies are queued on the current stream without waiting for it, so the GPU keeps
 reusing the freed GPU memory safe. Gradients are unchanged: the same values come back.
 
 Parameters and views of them (a linear layer saves its weight transposed), small tensors (masks, position ids),
-expanded views and tensor subclasses stay where they are. Without checkpointing every saved activation
-is offloaded, which is correct but moves much more data.
+expanded views and tensor subclasses stay where they are. A small view of a large tensor (one tile of a checkpointed
+layer's rows) is offloaded: left on the GPU it would keep the whole tensor there. Without checkpointing every saved
+activation is offloaded, which is correct but moves much more data.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | tuple[torch.device, torch.Tensor]:
         size = tensor.numel() * tensor.element_size()
         if (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)) \
-                or tensor.device.type not in self.device_types or size < self.min_bytes \
-                or tensor.layout != torch.strided:
-            return tensor  # a tensor subclass (DTensor), another device, small, or sparse
+                or tensor.device.type not in self.device_types or tensor.layout != torch.strided:
+            return tensor  # a tensor subclass (DTensor), another device, or sparse
+        if max(size, tensor.untyped_storage().nbytes()) < self.min_bytes:
+            return tensor  # small, and no view into a large tensor (a tile of rows keeps the whole batch's alive)
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             return tensor  # a weight, or a view of one (linear saves ``weight.t()``): it stays on the GPU anyway
         if tensor.untyped_storage().nbytes() < size:
