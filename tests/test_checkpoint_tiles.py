@@ -146,6 +146,8 @@ def test_tiled_text_checkpoints_give_the_same_embeddings_and_gradients(tiny_back
             torch.testing.assert_close(grads[name], grad, atol=1e-6 * max(1.0, float(grad.abs().max())), rtol=1e-4,
                                        msg=name)
     trunk = model.trunk
+    with pytest.raises(ValueError, match="cannot fill a key/value cache"):  # each tile would append its own keys
+        trunk(**inputs.model_kwargs(), use_cache=True)
     set_gradient_checkpointing(trunk, text=True, vision=True)
     assert not any(isinstance(layer, TiledCheckpointDecoderLayer) for layer in trunk.language_model.layers)
     assert all(layer.gradient_checkpointing for layer in trunk.language_model.layers)

@@ -80,6 +80,9 @@ class TiledCheckpointDecoderLayer:
         if args:
             raise TypeError(f"a tiled {type(self).__name__} takes its inputs after the hidden states by keyword, as "
                             f"transformers' decoder passes them; got {len(args)} positional")
+        if any(kwargs.get(name) is not None for name in ("cache", "past_key_values")):
+            raise ValueError("tiled decoder checkpoints cannot fill a key/value cache (each group of rows would append "
+                             "its own): call the model with use_cache=False, as vdr's encoders do")
         sizes = [min(self.tile_rows, rows - first) for first in range(0, rows, self.tile_rows)]
         per_tile = [dict(kwargs) for _ in sizes]
         for name in _ROW_INPUTS:
