@@ -50,10 +50,37 @@ class Probe(L.Callback):
         self.losses: list[float] = []
         self.reductions = 0  # DDP gradient-bucket all-reduces so far
         self.first_step_reductions: int | None = None
+        # Of the first step, with gradients on: rows per call of the first decoder layer, images per call of the first
+        # vision block's attention (tiles show as groups no larger than theirs), the token table's incoming gradients.
+        self.layer_rows: set[int] = set()
+        self.block_images: set[int] = set()
+        self.table_grad_layouts: list[str] = []
+
+    def _record_calls(self, pl_module) -> None:
+        def grad_step() -> bool:
+            return torch.is_grad_enabled() and pl_module.trainer.global_step == 0
+
+        def rows(module, args):
+            if grad_step():
+                self.layer_rows.add(args[0].shape[0])
+
+        def images(module, args, kwargs):
+            if grad_step():
+                self.block_images.add(len(kwargs["cu_seqlens"]) - 1)
+
+        trunk = pl_module.trunk
+        trunk.language_model.layers[0].input_layernorm.register_forward_pre_hook(rows)
+        trunk.visual.blocks[0].attn.register_forward_pre_hook(images, with_kwargs=True)
+        table = trunk.get_input_embeddings().weight
+        if not isinstance(table, DTensor) and table.requires_grad:  # FSDP2's gathered weight is another tensor
+            table.register_hook(lambda grad: self.table_grad_layouts.append(str(grad.layout))
+                                if pl_module.trainer.global_step == 0 else None)
 
     def on_train_start(self, trainer, pl_module) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         from torch.nn.parallel import DistributedDataParallel
+
+        self._record_calls(pl_module)
 
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
@@ -91,6 +118,8 @@ class Probe(L.Callback):
         with open(os.path.join(self.output, f"rank{trainer.global_rank}.json"), "w") as handle:
             json.dump({"losses": self.losses, "metrics": metrics, "world_size": trainer.world_size,
                        "first_step_reductions": self.first_step_reductions,
+                       "layer_rows": sorted(self.layer_rows), "block_images": sorted(self.block_images),
+                       "table_grad_layouts": self.table_grad_layouts,
                        "inference_mode": trainer.validate_loop.inference_mode}, handle)
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -222,3 +222,20 @@ def test_the_reranker_scores_and_learns_the_same_through_tiles() -> None:
     for name, grad in reference.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6 * max(1.0, float(grad.abs().max())), rtol=1e-4,
                                    msg=name)
+
+
+@pytest.mark.parametrize("module_class", ["BiEncoderModule", "RerankerModule"])
+def test_both_modules_pass_their_tile_options_to_the_layers(module_class: str) -> None:
+    from vdr.lit.base import BackboneConfig
+    from vdr.lit.biencoder import BiEncoderModule
+    from vdr.lit.reranker import RerankerModule
+
+    from .conftest import TINY_PIXELS
+
+    module = {"BiEncoderModule": BiEncoderModule, "RerankerModule": RerankerModule}[module_class](
+        BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS), gradient_checkpointing_text=True,
+        gradient_checkpointing_vision=True, vision_checkpoint_images=3, text_checkpoint_rows=2)
+    assert all(isinstance(block, TiledCheckpointBlock) and block.tile_images == 3
+               for block in module.trunk.visual.blocks)
+    assert all(isinstance(layer, TiledCheckpointDecoderLayer) and layer.tile_rows == 2
+               for layer in module.trunk.language_model.layers)

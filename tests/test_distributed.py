@@ -142,6 +142,13 @@ def test_gradcache_on_two_ranks_takes_the_one_process_plain_step(strategy, synth
     extra = {"ddp": DDP, "ddp-sparse": [*DDP, "--model.sparse_embedding_grad", "true"], "fsdp": [*FSDP, *tiles]}
     cached = _two_ranks(synth, tmp_path, [*extra[strategy], "--model.mini_batch_size", "3"])
     _assert_same_step(one_process, cached)
+    for rank in ranks(cached):  # the options reached every rank's layers
+        if strategy == "fsdp":
+            assert rank["layer_rows"] == [1, 2] and rank["block_images"] == [1, 2]  # tiles of 2 (of 3 and 1 rows)
+        else:
+            assert rank["layer_rows"] == [1, 2, 3]  # whole mini-batches
+            sparse = ["torch.sparse_coo"] * 5 if strategy == "ddp-sparse" else ["torch.strided"] * 5
+            assert rank["table_grad_layouts"] == sparse  # one backward per replay: 2 for the queries, 3 for the pages
     if strategy != "fsdp":
         reductions = [r["first_step_reductions"] for r in ranks(cached)]
         assert reductions[0] >= 1 and reductions == [r["first_step_reductions"] for r in ranks(ddp)]

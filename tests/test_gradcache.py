@@ -53,14 +53,14 @@ def rows8(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def one_step(rows: Path, batch_size: int = 8, accumulate: int = 1, loss: InfoNCELoss | None = None,
-             **module_args) -> Gradients:
+             callbacks: tuple[L.Callback, ...] = (), **module_args) -> Gradients:
     """One optimizer step over ``accumulate`` batches; the recorded losses and gradients."""
     L.seed_everything(0)
     module = BiEncoderModule(BackboneConfig("tiny", TINY_PIXELS, TINY_PIXELS),
                              loss=loss or InfoNCELoss(learnable_temperature=True), **module_args)
     probe = Gradients()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[probe, *callbacks],
                         accumulate_grad_batches=accumulate, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=RetrievalDataModule(train=str(rows), batch_size=batch_size))
     return probe
@@ -121,9 +121,25 @@ def test_gradient_checkpointing_changes_no_gradient_and_recomputes_each_layer(ro
 def test_tiled_checkpoints_under_gradcache_give_the_plain_gradients(rows8: Path, plain: Gradients) -> None:
     # Mini-batches of 3 sequences, each vision block checkpointed over tiles of 2 pages and 1, each decoder layer over
     # tiles of 2 rows and 1 (vdr.models.checkpoint_tiles).
+    groups = {"rows": set(), "images": set()}  # per call of the first layer and block, with gradients on
+
+    class GroupSizes(L.Callback):
+        def setup(self, trainer, pl_module, stage):
+            def rows(module, args):
+                if torch.is_grad_enabled():
+                    groups["rows"].add(args[0].shape[0])
+
+            def images(module, args, kwargs):
+                if torch.is_grad_enabled():
+                    groups["images"].add(len(kwargs["cu_seqlens"]) - 1)
+
+            pl_module.trunk.language_model.layers[0].input_layernorm.register_forward_pre_hook(rows)
+            pl_module.trunk.visual.blocks[0].attn.register_forward_pre_hook(images, with_kwargs=True)
+
     ours = one_step(rows8, mini_batch_size=3, gradient_checkpointing_text=True, gradient_checkpointing_vision=True,
-                    vision_checkpoint_images=2, text_checkpoint_rows=2)
+                    vision_checkpoint_images=2, text_checkpoint_rows=2, callbacks=(GroupSizes(),))
     assert_same_gradients(ours, plain)
+    assert groups == {"rows": {1, 2}, "images": {1, 2}}  # mini-batches of 3 (and 1 or 2) went in as tiles
 
 
 @pytest.mark.parametrize("mini_batch_size", [None, 3], ids=["plain", "gradcache"])
