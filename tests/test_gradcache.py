@@ -301,21 +301,27 @@ def test_offloading_leaves_weights_and_expanded_views_where_they_are() -> None:
     with offload:
         y = layer(x)  # saves x and weight.t() (a view of the parameter)
         z = (torch.ones(1, 1).expand(4096, 256) * x.sum()).sum()  # saves an expanded view: 1 float stored
-    assert offload.tensors == 1 and offload.bytes == x.numel() * 4  # x alone
-    (y.sum() + z).backward()
+        big = torch.randn(4096, 256, requires_grad=True) * 1  # 4 MiB
+        # Saves an expanded view of one row of it (8 KiB if copied), beside the scalar (4 bytes, offloaded).
+        w = (big[:1].expand(8, 256) * x.sum()).sum()
+    assert offload.tensors == 2 and offload.bytes == x.numel() * 4 + 4  # x, and the scalar
+    (y.sum() + z + w).backward()
     assert x.grad is not None and layer.weight.grad is not None
 
 
 def test_offloading_moves_small_views_that_would_keep_a_large_tensor() -> None:
     """A tile of rows (`checkpoint_tiles`) saved by its checkpoint is a small view of the whole batch's hidden states:
-    kept on the GPU, it would keep all of them there. Small tensors of their own stay."""
+    kept on the GPU, it would keep all of them there. Small tensors of their own stay, and so do small views of tensors
+    without gradients (each tile's slice of the rope cos/sin, which every layer saves again)."""
     from vdr.models.offload import OffloadActivations
 
     hidden = torch.randn(64, 100, 16, requires_grad=True)  # 400 KiB
     tiles = (hidden * 1).split(1)  # 6.25 KiB each, views of a non-leaf as a layer's input is
+    cos = torch.randn(64, 100, 16)
     offload = OffloadActivations(min_bytes=100_000, device_types=("cpu",))
     with offload:
-        outputs = [tile.sin() for tile in tiles[:3]] + [torch.randn(100, 16, requires_grad=True).sin()]
-    assert offload.tensors == 3 and offload.bytes == 3 * tiles[0].numel() * 4
+        outputs = [tile.sin() * cos[i : i + 1] for i, tile in enumerate(tiles[:3])]
+        outputs.append(torch.randn(100, 16, requires_grad=True).sin())
+    assert offload.tensors == 3 and offload.bytes == 3 * tiles[0].numel() * 4  # the three tiles
     sum(out.sum() for out in outputs).backward()
-    torch.testing.assert_close(hidden.grad[:3], hidden[:3].detach().cos())
+    torch.testing.assert_close(hidden.grad[:3], hidden[:3].detach().cos() * cos[:3])

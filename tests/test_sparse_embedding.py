@@ -18,6 +18,8 @@ from lightning.pytorch.strategies import (
     FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
 )
 from PIL import Image
 from torch import nn
@@ -88,6 +90,10 @@ def test_switching_keeps_the_weights_and_refuses_a_frozen_table(tiny_backbone) -
     embedding(torch.tensor([[1, 2]]))
     embedding(torch.tensor([[3]]))  # registers the hook once, not per lookup
     assert len(embedding.weight._post_accumulate_grad_hooks) == 1
+    weight = embedding.weight.detach().clone().requires_grad_()
+    out = torch.func.functional_call(embedding, {"weight": weight * 2}, (torch.tensor([[1, 1]]),))  # a non-leaf weight
+    out.sum().backward()
+    assert weight.grad[1].sum() == 2 * 2 * weight.shape[1]  # two lookups of row 1, times 2: no hook needed
     sparse_embedding_gradients(embedding, False)
     assert type(embedding) is nn.Embedding and not embedding.weight._post_accumulate_grad_hooks
     embedding.weight.requires_grad_(False)
@@ -102,13 +108,16 @@ def test_copies_and_replaced_weights_still_get_a_dense_grad(copy_by: str) -> Non
     plain = nn.Embedding(50, 8)
     embedding = copy.deepcopy(plain)
     sparse_embedding_gradients(embedding, True)
+    embedding(torch.tensor([[3]])).sum().backward()  # in use: its weight has the hook (and a dense .grad)
+    assert embedding.weight._post_accumulate_grad_hooks and embedding.weight.grad.layout == torch.strided
+    embedding.weight.grad = None
     if copy_by == "deepcopy":
         embedding = copy.deepcopy(embedding)
     elif copy_by == "pickle":
         embedding = pickle.loads(pickle.dumps(embedding))
     else:
         embedding.weight = nn.Parameter(plain.weight.detach().clone())
-    assert isinstance(embedding, SparseGradEmbedding)
+    assert isinstance(embedding, SparseGradEmbedding) and embedding.weight._post_accumulate_grad_hooks is None
     for table in (plain, embedding):
         for tokens in ([[1, 2, 2]], [[7, 1]], [[49]]):
             (table(torch.tensor(tokens)) ** 2).sum().backward()
@@ -127,8 +136,9 @@ def test_the_module_refuses_it_with_frozen_embeddings_lora_and_fsdp() -> None:
     module = BiEncoderModule(backbone, sparse_embedding_grad=True)
     with pytest.raises(ValueError, match="sparse_embedding_grad is for one device or DDP"):
         shard_module(module, mesh=None)  # refused before the mesh is read
-    # Lightning calls `setup` before the strategy wraps the model. DeepSpeed is not installed: a bare instance.
-    for strategy in (FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+    # Lightning calls `setup` before the strategy wraps the model. DeepSpeed and XLA are not installed: bare instances.
+    for strategy in (FSDPStrategy(), ModelParallelStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy),
+                     XLAStrategy.__new__(XLAStrategy), SingleDeviceXLAStrategy.__new__(SingleDeviceXLAStrategy)):
         module._trainer = SimpleNamespace(strategy=strategy)
         with pytest.raises(ValueError, match=f"one device or DDP, not {type(strategy).__name__}"):
             module.setup("fit")

@@ -13,7 +13,14 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ParallelStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    ParallelStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 
 from vdr.data.collator import EmbeddingCollator, EncodeBatch, PagePreprocessing, RetrievalBatch
@@ -171,11 +178,11 @@ class BiEncoderModule(VdrModule):
 
     def setup(self, stage: str) -> None:
         # Before the strategy wraps or shards anything: only one device and DDP reduce the dense `.grad` that the
-        # sparse lookup's hook leaves (FSDP2 also refuses it in `shard_module`; DeepSpeed is a DDPStrategy).
+        # sparse lookup's hook leaves (FSDP2 also refuses it in `shard_module`). DeepSpeed and XLA subclass those two.
         strategy = self.trainer.strategy
         if (stage == "fit" and has_sparse_gradients(self.trunk.get_input_embeddings())
                 and (not isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
-                     or isinstance(strategy, DeepSpeedStrategy))):
+                     or isinstance(strategy, DeepSpeedStrategy | XLAStrategy | SingleDeviceXLAStrategy))):
             raise ValueError(f"model.sparse_embedding_grad is for one device or DDP, not {type(strategy).__name__}: "
                              "the token table's sparse gradients are made dense by a hook that other strategies' "
                              "gradient reduction does not wait for; unset it")

@@ -8,9 +8,9 @@ copies are queued on the current stream without waiting for it, so the GPU keeps
 reusing the freed GPU memory safe. Gradients are unchanged: the same values come back.
 
 Parameters and views of them (a linear layer saves its weight transposed), small tensors (masks, position ids),
-expanded views and tensor subclasses stay where they are. A small view of a large tensor (one tile of a checkpointed
-layer's rows) is offloaded: left on the GPU it would keep the whole tensor there. Without checkpointing every saved
-activation is offloaded, which is correct but moves much more data.
+expanded views and tensor subclasses stay where they are. A small activation that is a view of a large one (one tile of
+a checkpointed layer's rows) is offloaded: left on the GPU it would keep the whole tensor there. Without checkpointing
+every saved activation is offloaded, which is correct but moves much more data.
 """
 
 from __future__ import annotations
@@ -41,12 +41,16 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         if (type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)) \
                 or tensor.device.type not in self.device_types or tensor.layout != torch.strided:
             return tensor  # a tensor subclass (DTensor), another device, or sparse
-        if max(size, tensor.untyped_storage().nbytes()) < self.min_bytes:
-            return tensor  # small, and no view into a large tensor (a tile of rows keeps the whole batch's alive)
+        # A small activation that is a view of a large one (a tile of a checkpointed layer's rows) would keep all of it
+        # on the GPU: it moves. Small views of tensors without gradients (rope cos/sin, masks: shared by every layer)
+        # stay, or each layer would copy them again.
+        kept = tensor.untyped_storage().nbytes() if tensor.requires_grad else size
+        if max(size, kept) < self.min_bytes:
+            return tensor
         if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
             return tensor  # a weight, or a view of one (linear saves ``weight.t()``): it stays on the GPU anyway
-        if tensor.untyped_storage().nbytes() < size:
-            return tensor  # an expanded view (stride 0): a copy would materialise every repeat
+        if any(stride == 0 and n > 1 for n, stride in zip(tensor.shape, tensor.stride())):
+            return tensor  # an expanded view: a copy would materialise every repeat
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.device.type == "cuda")
         host.copy_(tensor, non_blocking=True)
         self.tensors += 1

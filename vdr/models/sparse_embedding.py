@@ -31,7 +31,7 @@ class SparseGradEmbedding(nn.Embedding):
     """``nn.Embedding`` whose lookup returns a sparse gradient that lands in a dense ``.grad`` (see the module)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad and not _hooked(self.weight):
+        if self.weight.requires_grad and self.weight.is_leaf and not _hooked(self.weight):  # not a functional call's
             self.weight.register_post_accumulate_grad_hook(_densify)
         return F.embedding(input, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                            self.scale_grad_by_freq, sparse=True)
