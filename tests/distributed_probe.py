@@ -36,6 +36,22 @@ def local_gradient_gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (_LocalGradientGather.apply(x), rank * x.shape[0]) if size > 1 else (x, 0)
 
 
+def record_group_sizes(trunk, rows: set[int], images: set[int], when=lambda: True) -> None:
+    """Hooks on a Qwen3-VL trunk that add, per call with gradients on (and ``when()``), the rows of the first decoder
+    layer's input to ``rows`` and the images of the first vision block's to ``images``: checkpoint tiles show as groups
+    no larger than theirs."""
+    def layer_rows(module, args):
+        if torch.is_grad_enabled() and when():
+            rows.add(args[0].shape[0])
+
+    def block_images(module, args, kwargs):
+        if torch.is_grad_enabled() and when():
+            images.add(len(kwargs["cu_seqlens"]) - 1)
+
+    trunk.language_model.layers[0].input_layernorm.register_forward_pre_hook(layer_rows)
+    trunk.visual.blocks[0].attn.register_forward_pre_hook(block_images, with_kwargs=True)
+
+
 class Probe(L.Callback):
     """Writes ``rank{r}.json`` (losses per step, last validation metrics) and ``rank{r}-grads.pt`` (the gradients
     at the first optimizer step, full tensors) into ``output``.
@@ -57,21 +73,9 @@ class Probe(L.Callback):
         self.table_grad_layouts: list[str] = []
 
     def _record_calls(self, pl_module) -> None:
-        def grad_step() -> bool:
-            return torch.is_grad_enabled() and pl_module.trainer.global_step == 0
-
-        def rows(module, args):
-            if grad_step():
-                self.layer_rows.add(args[0].shape[0])
-
-        def images(module, args, kwargs):
-            if grad_step():
-                self.block_images.add(len(kwargs["cu_seqlens"]) - 1)
-
-        trunk = pl_module.trunk
-        trunk.language_model.layers[0].input_layernorm.register_forward_pre_hook(rows)
-        trunk.visual.blocks[0].attn.register_forward_pre_hook(images, with_kwargs=True)
-        table = trunk.get_input_embeddings().weight
+        record_group_sizes(pl_module.trunk, self.layer_rows, self.block_images,
+                           when=lambda: pl_module.trainer.global_step == 0)
+        table = pl_module.trunk.get_input_embeddings().weight
         if not isinstance(table, DTensor) and table.requires_grad:  # FSDP2's gathered weight is another tensor
             table.register_hook(lambda grad: self.table_grad_layouts.append(str(grad.layout))
                                 if pl_module.trainer.global_step == 0 else None)

@@ -22,6 +22,7 @@ from vdr.lit.gradcache import CachedEmbeddings, RandomState
 from vdr.losses.contrastive import InfoNCELoss
 
 from .conftest import TINY_PIXELS
+from .distributed_probe import record_group_sizes
 
 
 class Gradients(L.Callback):
@@ -125,16 +126,7 @@ def test_tiled_checkpoints_under_gradcache_give_the_plain_gradients(rows8: Path,
 
     class GroupSizes(L.Callback):
         def setup(self, trainer, pl_module, stage):
-            def rows(module, args):
-                if torch.is_grad_enabled():
-                    groups["rows"].add(args[0].shape[0])
-
-            def images(module, args, kwargs):
-                if torch.is_grad_enabled():
-                    groups["images"].add(len(kwargs["cu_seqlens"]) - 1)
-
-            pl_module.trunk.language_model.layers[0].input_layernorm.register_forward_pre_hook(rows)
-            pl_module.trunk.visual.blocks[0].attn.register_forward_pre_hook(images, with_kwargs=True)
+            record_group_sizes(pl_module.trunk, groups["rows"], groups["images"])
 
     ours = one_step(rows8, mini_batch_size=3, gradient_checkpointing_text=True, gradient_checkpointing_vision=True,
                     vision_checkpoint_images=2, text_checkpoint_rows=2, callbacks=(GroupSizes(),))
