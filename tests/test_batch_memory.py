@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -38,7 +42,7 @@ def test_a_bad_setting_is_refused_before_anything_runs(bench, text: str, message
         bench.Setting.parse(text)
 
 
-def test_the_peak_composition_replays_the_allocation_trace(bench) -> None:
+def test_the_peak_composition_replays_the_allocation_trace(bench, tmp_path, capsys) -> None:
     """A made-up trace in the format of ``torch.cuda.memory._snapshot()``: the live blocks at the largest total, grouped
     by the innermost frame in vdr/transformers/lightning code."""
 
@@ -62,3 +66,61 @@ def test_the_peak_composition_replays_the_allocation_trace(bench) -> None:
     assert groups == [("vdr/models/biencoder.py:1 forward", 100, 1),
                       ("transformers/models/qwen3_vl/modeling_qwen3_vl.py:1 mlp", 80, 2)]
     assert bench.Setting.parse("cached:64:16:gc:mem").memory
+    # The printed summary; the snapshot is written only into --snapshots (a 2B step's is too large to copy back).
+    setting = bench.Setting.parse("cached:64:16:gc:mem")
+    rows = bench.memory_summary({"device_traces": [trace]}, setting, argparse.Namespace(snapshots=None))
+    assert rows[0] == ["vdr/models/biencoder.py:1 forward", 0.0, 1] and "0.00 GiB" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    bench.memory_summary({"device_traces": [trace]}, setting, argparse.Namespace(snapshots=str(tmp_path / "snaps")))
+    assert [p.name for p in (tmp_path / "snaps").iterdir()] == ["memory-cached_64_16_gc_mem.pickle"]
+
+
+# The child of the test below: records each module that code under vdr/ or scripts/ imports itself, by distribution,
+# while the benchmark runs one setting with every flag a GPU call uses (the CUDA-only parts are skipped on the CPU).
+IMPORT_AUDIT = r"""
+import importlib.metadata, json, re, runpy, sys
+repo, allowed = sys.argv[1], set(json.loads(sys.argv[2]))
+ours = (f"{repo}/vdr/", f"{repo}/scripts/")
+owners = importlib.metadata.packages_distributions()
+found = {}
+
+class Audit:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        frame = sys._getframe(1)
+        while frame and (frame.f_code.co_filename.startswith("<frozen") or "importlib" in frame.f_code.co_filename):
+            frame = frame.f_back
+        where = frame.f_code.co_filename if frame else ""
+        if where.startswith(ours) and top in owners:
+            dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners[top]}
+            if not dists & allowed:
+                found.setdefault(top, where.removeprefix(repo + "/"))
+        return None
+
+sys.meta_path.insert(0, Audit())
+sys.argv = ["batch_memory.py", *sys.argv[3:]]
+try:
+    runpy.run_path(f"{repo}/scripts/bench/batch_memory.py", run_name="__main__")
+finally:
+    print("AUDIT " + json.dumps(found))
+"""
+
+
+def test_the_gpu_benchmark_imports_only_what_the_gpu_machine_has_or_is_carried() -> None:
+    """The lent GPU machine has no network: a direct import that is neither on its image (scripts/bench/gpu_image.txt)
+    nor among the wheels prepare_gpu.sh carries fails there, after minutes of device time spent starting it."""
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    image = [line.strip() for line in (REPO / "scripts/bench/gpu_image.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert {"torch", "transformers", "lightning", "peft"} <= {normal(n) for n in image}
+    carried = re.search(r"^missing=\(([^)]*)\)", (REPO / "scripts/bench/prepare_gpu.sh").read_text(), re.M).group(1)
+    allowed = {normal(n) for n in image + carried.split()} | {"vdr"}
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_AUDIT, str(REPO), json.dumps(sorted(allowed)), "--preset", "tiny", "--steps", "1",
+         "--settings", "cached:8:4:t1400:gc:off:v4:r4:sparse:mem"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    audit = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("AUDIT "))[6:])
+    assert audit == {}, f"imported by vdr but neither on the GPU image nor carried (add to prepare_gpu.sh): {audit}"

@@ -12,7 +12,7 @@ token-embedding gradients, ``vdr.models.sparse_embedding``), ``dev`` or
 more step under torch.profiler: the ops that cost most host time, the GPU's busy fraction and the synchronisations),
 ``nohost`` (the model derives rope positions and vision segments itself, reading GPU tensors back to the host),
 ``mem`` (GPU: one more step under torch's memory history; prints what was allocated at its peak, grouped by the code
-that allocated it, and writes the snapshot for https://pytorch.org/memory_viz next to ``--out``).
+that allocated it; with ``--snapshots DIR`` also writes the snapshot there for https://pytorch.org/memory_viz).
 
 CPU, tiny preset (each setting in a fresh process; memory = a training step's peak resident memory above its start):
     python scripts/bench/batch_memory.py --preset tiny --settings plain:8 plain:32 cached:32:8 cached:128:8
@@ -361,10 +361,11 @@ def memory_summary(snapshot: dict, setting: Setting, args) -> list:
     print(f"\n== {setting}: {peak / 2**30:.2f} GiB allocated at the recorded step's peak above its start", flush=True)
     for code, size, count in groups:
         print(f"  {size / 2**20:9.1f} MiB  {count:5d}x  {code}")
-    if args.out:
+    if args.snapshots:  # hundreds of MB for a 2B step: not next to --out, which a GPU call copies back
         import pickle
 
-        with open(f"{os.path.splitext(args.out)[0]}-memory-{str(setting).replace(':', '_')}.pickle", "wb") as handle:
+        os.makedirs(args.snapshots, exist_ok=True)
+        with open(os.path.join(args.snapshots, f"memory-{str(setting).replace(':', '_')}.pickle"), "wb") as handle:
             pickle.dump(snapshot, handle)
     return [[code, round(size / 2**20, 1), count] for code, size, count in groups]
 
@@ -381,10 +382,11 @@ def reference_rows(path: str) -> list[dict]:
 
 def report(records: list[dict], reference: list[dict]) -> None:
     memory = "peak_gib" if records and "peak_gib" in records[0] else "step_peak_gib"
-    print(f"\n{'setting':<36} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20} {'data wait':>10}")
+    width = max([36, *(len(r["setting"]) for r in records)])
+    print(f"\n{'setting':<{width}} {'samples/s':>10} {'step s':>8} {'first s':>8} {memory:>20} {'data wait':>10}")
     for r in records:
         wait = r.get("data_wait_frac")
-        print(f"{r['setting']:<36} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
+        print(f"{r['setting']:<{width}} {r['samples_per_s']:>10.2f} {r['step_s']:>8.3f} {r['first_step_s']:>8.1f} "
               f"{r.get(memory, float('nan')):>20.2f} {'-' if wait is None else f'{wait:.1%}':>10}")
     for ref in reference:
         name = f"reference {ref['mode']} batch {ref.get('batch_size')}"
@@ -392,7 +394,7 @@ def report(records: list[dict], reference: list[dict]) -> None:
         for r in records:
             ratio = r["samples_per_s"] / ref["samples_per_s"]
             mem = r.get("peak_gib", float("nan")) / ref["peak_mem_gib"] if ref.get("peak_mem_gib") else float("nan")
-            print(f"  {r['setting']:<36} {ratio:6.2f}x the samples/s, {mem:5.2f}x the peak memory")
+            print(f"  {r['setting']:<{width}} {ratio:6.2f}x the samples/s, {mem:5.2f}x the peak memory")
 
 
 def main() -> None:
@@ -410,6 +412,7 @@ def main() -> None:
     parser.add_argument("--page-preprocessing", default="device", choices=["device", "processor"])
     parser.add_argument("--out", help="append one JSON line per setting here")
     parser.add_argument("--reference", help="the reference trainer's results.jsonl, for side-by-side ratios")
+    parser.add_argument("--snapshots", help="write each mem setting's CUDA memory snapshot (a pickle) in this folder")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one CPU setting, in a subprocess
     args = parser.parse_args()
     torch.manual_seed(0)

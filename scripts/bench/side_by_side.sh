@@ -14,7 +14,9 @@ DEVICE="${DEVICE:-cuda}"
 PAGE="${PAGE:-600}"
 REF_BATCH="${REF_BATCH:-16}"  # CachedMNRL at mini-batch 1 embeds one sequence at a time: samples/s does not depend on it
 SETTINGS="${SETTINGS:-cached:64:8:gc cached:64:4:gc cached:64:32:gc plain:16:gc plain:32:gc cached:256:32:gc}"
-REF_OUT="${REF_OUT:-$OUT/ref}"  # the reference's logs (six files); its results.jsonl is also copied to $OUT
+REF_OUT="${REF_OUT:-$OUT/ref}"  # the reference's logs (seven files); its results.jsonl is also copied to $OUT
+# On the lent GPU machine at most 8 files come back from $OUT: there, set REF_OUT outside it (REF_OUT=/tmp/ref).
+SNAPSHOTS="${SNAPSHOTS:-}"  # a folder for the mem flag's CUDA memory snapshots (large; none written when unset)
 mkdir -p "$OUT" "$REF_OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 \
        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -39,5 +41,5 @@ start=$(date +%s)
 # shellcheck disable=SC2086
 python3 scripts/bench/batch_memory.py --preset "$SIZE" --device "$DEVICE" --dtype "$dtype" --page "$PAGE" \
     --min-pixels 784 --max-pixels 360000 --workers 8 --steps "${STEPS:-2}" --settings $SETTINGS \
-    --out "$OUT/ours.jsonl" --reference "$REF_OUT/results.jsonl"
+    --out "$OUT/ours.jsonl" --reference "$REF_OUT/results.jsonl" ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"}
 echo "== ours took $(( $(date +%s) - start )) s"
