@@ -143,16 +143,38 @@ def _modes() -> list[tuple[str, EncodedImage]]:
     ]
 
 
+def _on_white(image: Image.Image) -> Image.Image:
+    """A page as a viewer shows it, made another way than ``vdr.data.images.to_rgb`` (which alpha-composites): pasted
+    on white through its alpha band, as Qwen's ``qwen-vl-utils`` does with RGBA pages. Opaque modes pass unchanged."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image
+    rgba = image.convert("RGBA")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    return white
+
+
+def _composites_transparency(processor) -> bool:
+    """Whether the installed image processor puts transparency on white (transformers >= 5.21) or drops it."""
+    clear, white = Image.new("RGBA", (32, 32), (0, 0, 0, 0)), Image.new("RGB", (32, 32), (255, 255, 255))
+    out = processor.image_processor(images=[clear, white], return_tensors="pt")["pixel_values"]
+    return torch.equal(*out.chunk(2))
+
+
 @pytest.mark.parametrize(("mode", "encoded"), _modes(), ids=[m for m, _ in _modes()])
 def test_image_modes_convert_as_the_processor_does(processor, mode, encoded) -> None:
-    """The processor given the file's own PIL image (any mode) and our decode + device path agree bit for bit."""
+    """Our decode + device path gives, bit for bit, what the processor gives for the page as a viewer shows it (any
+    mode); where the installed processor composites transparency itself, also what it gives for the file's own image."""
     with Image.open(io.BytesIO(encoded.data)) as raw:
         raw.load()
-        reference = processor.image_processor(images=[raw], return_tensors="pt")["pixel_values"]
+        reference = processor.image_processor(images=[_on_white(raw)], return_tensors="pt")["pixel_values"]
+        itself = processor.image_processor(images=[raw], return_tensors="pt")["pixel_values"]
     page = decode(encoded, dataset="d", row=0, column="image")
     assert page.mode == "RGB"
     ours = Pages.pack([page], PageFormat.of(processor.image_processor)).pixel_values()
     assert torch.equal(ours, reference), mode
+    if _composites_transparency(processor):
+        assert torch.equal(ours, itself), mode
 
 
 def test_sixteen_bit_pages_are_scaled_not_clipped(processor) -> None:
@@ -244,11 +266,14 @@ def test_skipping_keeps_batches_whole_and_counts_in_a_fit(tmp_path: Path) -> Non
 
 
 def test_collators_convert_pages_of_any_mode(processor) -> None:
-    """Pages given straight to a collator (an encoder's ``pages``) convert as the processor would convert them."""
+    """Pages given straight to a collator (an encoder's ``pages``) convert alike on both routes, as a viewer shows
+    them, whatever the installed processor would do with them (before transformers 5.21 it drops alpha)."""
     pages = [Image.new("L", (64, 48), 90), Image.new("RGBA", (40, 40), (10, 200, 30, 128))]
-    ours = EmbeddingCollator(processor).encode_pages(pages, "d").model_kwargs()["pixel_values"]
-    reference = EmbeddingCollator(processor, page_preprocessing="processor").encode_pages(pages, "d").pixel_values
-    assert torch.equal(ours, reference)
+    on_white = EmbeddingCollator(processor, page_preprocessing="processor").encode_pages(
+        [_on_white(p) for p in pages], "d").pixel_values
+    for route in ("device", "processor"):
+        inputs = EmbeddingCollator(processor, page_preprocessing=route).encode_pages(pages, "d")
+        assert torch.equal(inputs.model_kwargs()["pixel_values"], on_white), route
 
 
 def test_batches_pin_every_tensor_they_hold(processor, monkeypatch) -> None:

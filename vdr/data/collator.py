@@ -100,8 +100,11 @@ class ChatCollator:
         ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
         pixel_values = grid = pages = None
         tokens_per_image: list[int] = []
+        # Both routes see a page as a viewer shows it, whatever the installed processor does with one: transformers
+        # before 5.21 dropped the alpha band (transparent regions take whatever colour lies under them).
+        images = [to_rgb(i) if isinstance(i, Image.Image) else i for i in images]
         if images and self.page_format is not None:
-            pages = Pages.pack([to_rgb(i) if isinstance(i, Image.Image) else i for i in images], self.page_format)
+            pages = Pages.pack(images, self.page_format)
             grid = pages.grid_thw()  # [I, 3]
         elif images:
             vision = self.image_processor(images=images, return_tensors="pt")

@@ -72,8 +72,10 @@ def read_encoded(value, *, dataset: str, row: int, column: str, root: str | None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL mode to RGB as the HF image processors do: an image with an alpha band or a transparency key
-    is composited on white (what a rendered page would show), any other is converted by PIL.
+    """Converts any PIL mode to RGB as the HF image processors of transformers >= 5.21 do: an image with an alpha band
+    or a transparency key is composited on white (what a rendered page shows, and what Qwen's own ``qwen-vl-utils``
+    does with RGBA), any other is converted by PIL. Earlier processors drop the alpha band; the collators convert
+    pages here first, so both page routes agree on every version.
 
     One deliberate difference: 16-bit greyscale is scaled to 8 bits (what a viewer shows), where the processors' PIL
     conversion clips every value above 255 and turns a 16-bit scan white.
