@@ -42,7 +42,7 @@ def test_a_bad_setting_is_refused_before_anything_runs(bench, text: str, message
         bench.Setting.parse(text)
 
 
-def test_the_peak_composition_replays_the_allocation_trace(bench, tmp_path, capsys) -> None:
+def test_the_peak_composition_replays_the_allocation_trace(bench, tmp_path, capsys, monkeypatch) -> None:
     """A made-up trace in the format of ``torch.cuda.memory._snapshot()``: the live blocks at the largest total, grouped
     by the innermost frame in vdr/transformers/lightning code."""
 
@@ -69,7 +69,13 @@ def test_the_peak_composition_replays_the_allocation_trace(bench, tmp_path, caps
     # The printed summary; the snapshot is written only into --snapshots (a 2B step's is too large to copy back).
     setting = bench.Setting.parse("cached:64:16:gc:mem")
     rows = bench.memory_summary({"device_traces": [trace]}, setting, argparse.Namespace(snapshots=None))
-    assert rows[0] == ["vdr/models/biencoder.py:1 forward", 0.0, 1] and "0.00 GiB" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rows[0] == ["vdr/models/biencoder.py:1 forward", 0.0, 1] and "0.00 GiB" in out and "(7 events)" in out
+    assert "WARNING" not in out
+    # A trace as long as the ring buffer may have lost its first events.
+    monkeypatch.setattr(bench, "MEMORY_TRACE_EVENTS", len(trace))
+    bench.memory_summary({"device_traces": [trace]}, setting, argparse.Namespace(snapshots=None))
+    assert "WARNING: the trace is full" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
     bench.memory_summary({"device_traces": [trace]}, setting, argparse.Namespace(snapshots=str(tmp_path / "snaps")))
     assert [p.name for p in (tmp_path / "snaps").iterdir()] == ["memory-cached_64_16_gc_mem.pickle"]

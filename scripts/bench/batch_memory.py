@@ -51,6 +51,8 @@ from vdr.models.backbone import set_gradient_checkpointing
 from vdr.models.offload import OffloadActivations
 from vdr.models.sparse_embedding import sparse_embedding_gradients
 
+# Events the mem flag's CUDA trace keeps; a full ring buffer drops the step's first events (flagged when it happens).
+MEMORY_TRACE_EVENTS = 3_000_000
 WORDS = "revenue profit margin cash flow assets equity debt growth forecast segment quarter annual report".split()
 
 
@@ -169,7 +171,8 @@ class StepTimer(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(pl_module)
         if batch_idx == self.memory_step:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+            # Stacks for allocations only: a free's stack is not needed to replay the trace.
+            torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=MEMORY_TRACE_EVENTS)
             return
         if batch_idx == self.profile_step:
             activities = [torch.profiler.ProfilerActivity.CPU]
@@ -358,7 +361,12 @@ def peak_composition(snapshot: dict, top: int = 15) -> tuple[int, list[tuple[str
 def memory_summary(snapshot: dict, setting: Setting, args) -> list:
     """Prints the recorded step's peak composition (and writes the snapshot next to --out); the rows, for the record."""
     peak, groups = peak_composition(snapshot)
-    print(f"\n== {setting}: {peak / 2**30:.2f} GiB allocated at the recorded step's peak above its start", flush=True)
+    events = len(snapshot["device_traces"][0]) if snapshot.get("device_traces") else 0
+    print(f"\n== {setting}: {peak / 2**30:.2f} GiB allocated at the recorded step's peak above its start "
+          f"({events} events)", flush=True)
+    if events >= MEMORY_TRACE_EVENTS:
+        print(f"  WARNING: the trace is full ({MEMORY_TRACE_EVENTS} events): the step's first events were dropped, so "
+              "the peak and its composition may miss what was allocated before them", flush=True)
     for code, size, count in groups:
         print(f"  {size / 2**20:9.1f} MiB  {count:5d}x  {code}")
     if args.snapshots:  # hundreds of MB for a 2B step: not next to --out, which a GPU call copies back

@@ -37,9 +37,12 @@ python3 "$REFERENCE/st_baseline.py" --size "$SIZE" --modes st-cached --batch-siz
 echo "== reference took $(( $(date +%s) - start )) s"
 cp "$REF_OUT/results.jsonl" "$OUT/ref-results.jsonl" 2>/dev/null
 
+reference=()  # no ratio table when the reference wrote no results (its log above says why); ours still run
+[ -s "$REF_OUT/results.jsonl" ] && reference=(--reference "$REF_OUT/results.jsonl")
+
 start=$(date +%s)
 # shellcheck disable=SC2086
 python3 scripts/bench/batch_memory.py --preset "$SIZE" --device "$DEVICE" --dtype "$dtype" --page "$PAGE" \
     --min-pixels 784 --max-pixels 360000 --workers 8 --steps "${STEPS:-2}" --settings $SETTINGS \
-    --out "$OUT/ours.jsonl" --reference "$REF_OUT/results.jsonl" ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"}
+    --out "$OUT/ours.jsonl" "${reference[@]}" ${SNAPSHOTS:+--snapshots "$SNAPSHOTS"}
 echo "== ours took $(( $(date +%s) - start )) s"
