@@ -9,16 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv="${1:-/tmp/vdr-gpu-image}"
-python="${VDR_PYTHON:-.venv/bin/python}"
-# What the GPU image lacks: prepare_gpu.sh's list (the one the import-audit test checks), at this checkout's
-# versions, as the call will carry them.
-read -r -a missing <<< "$(sed -n 's/^missing=(\(.*\))$/\1/p' scripts/bench/prepare_gpu.sh)"
-[ "${#missing[@]}" -gt 0 ] || { echo "gpu_image_env.sh: no missing=(...) line in prepare_gpu.sh" >&2; exit 2; }
-carried=()
-for name in "${missing[@]}"; do
-  carried+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")") \
-    || { echo "gpu_image_env.sh: $name is not installed in $python (run scripts/install.sh first)" >&2; exit 2; }
-done
+# What the GPU image lacks, at this checkout's versions, as the call will carry them.
+mapfile -t carried < <(bash scripts/bench/prepare_gpu.sh --pins)
+[ "${#carried[@]}" -gt 0 ] || { echo "gpu_image_env.sh: prepare_gpu.sh --pins printed no pins" >&2; exit 2; }
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check \
   "torch==2.11.0" "torchvision==0.26.0" "transformers==5.17.0" "huggingface_hub==1.33.0" "tokenizers==0.23.2" \

